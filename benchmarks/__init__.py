@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of ridgeline against peer libraries (``python -m benchmarks NAME``)."""

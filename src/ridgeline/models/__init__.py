@@ -1,0 +1,10 @@
+"""Reference models: MLPs (standard or NTK parameterisation), a small CNN, a small ResNet."""
+
+from ridgeline.models.cnn import cnn1d
+from ridgeline.models.layers import NTKLinear
+from ridgeline.models.mlp import mlp
+from ridgeline.models.registry import FACTORIES, build_model, model_factory
+from ridgeline.models.resnet import ResNet, resnet
+
+__all__ = ["mlp", "cnn1d", "resnet", "ResNet", "NTKLinear", "build_model", "model_factory",
+           "FACTORIES"]

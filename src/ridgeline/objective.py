@@ -1,0 +1,370 @@
+"""Objective: a model, a loss and a dataset as a pure function of the parameters.
+
+Every instrument is a few function transforms over :meth:`Objective.batch_loss` and
+:meth:`Objective.batch_mean`; none of them touches data loading or module internals again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, jvp
+from torch.utils._pytree import tree_map
+
+from ridgeline import distributed
+from ridgeline.data.dataset import Dataset
+from ridgeline.errors import DataError, NonFiniteLossError, ShapeMismatchError
+from ridgeline.losses import LossFn, resolve_loss
+from ridgeline.params import Params, named_buffers, named_parameters
+
+__all__ = ["Objective", "as_objective", "Batch", "DEFAULT_BATCH_SIZE"]
+
+#: examples per batch when ``batch_size=None`` and the data is larger than that
+DEFAULT_BATCH_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch: inputs, targets, its size, and its position in the dataset."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    index: int
+    start: int
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, train: bool):
+    """Set every submodule's train/eval flag for the duration, then restore each one."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class Objective:
+    """The mean loss L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i) of a model over a dataset.
+
+    The model is evaluated with ``torch.func.functional_call`` on a parameter dict, so
+    L, ∇L and Hessian-vector products are pure functions of θ. Dataset means are exact:
+    each batch mean is weighted by its size (an uneven last batch does not bias them).
+    Buffers (BatchNorm running statistics) are carried along and never updated.
+
+    Parameters
+    ----------
+    model : nn.Module
+    data : (inputs, targets), ridgeline Dataset, DataLoader, or iterable of batches
+    loss : {"cross_entropy", "mse"} or callable (outputs, targets) -> scalar batch mean
+    batch_size : int, optional
+        Examples per evaluation batch for tensor data; ``None`` uses the whole dataset in
+        one batch up to :data:`DEFAULT_BATCH_SIZE` examples. Ignored for DataLoaders.
+    train_mode : bool
+        Evaluate the model in train mode (BatchNorm uses batch statistics, Dropout is
+        active). Default eval mode, so the objective is a deterministic function of θ.
+    validate : bool
+        Check the data (finite inputs, label range, shapes) and probe the model on two
+        examples before any expensive work.
+
+    Notes
+    -----
+    Under ``torch.distributed`` (launched by ``torchrun``) each process evaluates every
+    ``world_size``-th batch and losses, gradients and HVPs are all-reduced, so every rank
+    holds the single-process value. A single process needs no setup.
+    """
+
+    def __init__(self, model: nn.Module, data: Any, loss: str | LossFn = "cross_entropy", *,
+                 batch_size: int | None = None, train_mode: bool = False,
+                 validate: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.loss_name, self.loss_fn = resolve_loss(loss)
+        self.train_mode = bool(train_mode)
+        self.batch_size = batch_size
+        if batch_size is not None and batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}.")
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._loader: Iterable | None = None
+        self.num_classes: int | None = None
+        if isinstance(data, Dataset):
+            self._tensors, self.num_classes = data.as_tuple(), data.num_classes
+        elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
+                isinstance(t, torch.Tensor) for t in data):
+            self._tensors = (data[0], data[1])
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+            self._loader = data
+        else:
+            raise DataError(
+                f"data must be an (inputs, targets) tuple of tensors, a ridgeline Dataset, a "
+                f"DataLoader or an iterable of (inputs, targets) batches; got {type(data).__name__}.")
+        if self._tensors is not None:
+            inputs, targets = self._tensors
+            if inputs.shape[0] != targets.shape[0]:
+                raise DataError(f"data has {inputs.shape[0]} inputs but {targets.shape[0]} "
+                                "targets; both need one row per example.")
+            if inputs.shape[0] == 0:
+                raise DataError("data is empty: it needs at least one example.")
+        if validate:
+            self._validate()
+
+    # ----------------------------------------------------------------- parameters
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    def params(self) -> Params:
+        """The model's trainable parameters (detached), by name."""
+        return named_parameters(self.model)
+
+    def buffers(self) -> Params:
+        return named_buffers(self.model)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params().values())
+
+    # ----------------------------------------------------------------- data
+    @property
+    def num_examples(self) -> int:
+        """N, the number of examples in the whole dataset (all processes together)."""
+        if self._tensors is not None:
+            return int(self._tensors[0].shape[0])
+        if not hasattr(self, "_loader_size"):
+            self._loader_size = sum(int(x.shape[0]) for x, _ in self._iterate_all())
+        return self._loader_size
+
+    def _iterate_all(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._tensors is not None:
+            inputs, targets = self._tensors
+            n = inputs.shape[0]
+            size = self.batch_size or (n if n <= DEFAULT_BATCH_SIZE else DEFAULT_BATCH_SIZE)
+            for start in range(0, n, size):
+                yield inputs[start:start + size], targets[start:start + size]
+        else:
+            for item in self._loader:  # type: ignore[union-attr]
+                if not isinstance(item, (tuple, list)) or len(item) < 2:
+                    raise DataError("each batch of the data loader must be (inputs, targets, ...); "
+                                    f"got {type(item).__name__}.")
+                yield item[0], item[1]
+
+    def per_batch(self, *, shard: bool = True) -> Iterator[Batch]:
+        """The batches this process evaluates, moved to the model's device and dtype.
+
+        Under torch.distributed batches are dealt round-robin over processes; with
+        ``shard=False`` every batch is returned.
+        """
+        world, me = (distributed.world_size(), distributed.rank()) if shard else (1, 0)
+        start = 0
+        for index, (inputs, targets) in enumerate(self._iterate_all()):
+            size = int(inputs.shape[0])
+            if index % world == me:
+                yield Batch(self._prepare_inputs(inputs), targets.to(self.device), index, start)
+            start += size
+
+    def _prepare_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(self.device)
+        if inputs.is_floating_point() and inputs.dtype != self.dtype:
+            inputs = inputs.to(self.dtype)
+        return inputs
+
+    # ----------------------------------------------------------------- pure functions
+    def forward(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+                buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """f(x; θ) through ``functional_call``; buffers are copied in train mode so the
+        model's running statistics never change."""
+        buffers = self.buffers() if buffers is None else buffers
+        if self.train_mode:
+            buffers = {k: v.clone() for k, v in buffers.items()}
+        with module_mode(self.model, self.train_mode):
+            return functional_call(self.model, ({**params}, {**buffers}), (inputs,), strict=False)
+
+    def batch_loss(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one batch, a pure function of ``params`` (for ``torch.func``)."""
+        return self.loss_fn(self.forward(params, inputs), targets)
+
+    def batch_mean(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], *,
+                   check: Callable[[Any, Batch], None] | None = None) -> Any:
+        """Σ_b (n_b / N) fn(x_b, y_b): the exact dataset mean of a per-batch mean.
+
+        ``fn`` returns a tensor or a pytree of tensors (a batch *mean*). The result is
+        all-reduced over processes. ``check(value, batch)`` may inspect each batch's value.
+        """
+        total, count = None, 0
+        for batch in self.per_batch():
+            value = fn(batch.inputs, batch.targets)
+            if check is not None:
+                check(value, batch)
+            weighted = tree_map(lambda t: t * batch.size, value)
+            total = weighted if total is None else tree_map(torch.add, total, weighted)
+            count += batch.size
+        if total is None:  # this rank got no batch
+            probe = next(self.per_batch(shard=False))
+            total = tree_map(torch.zeros_like, fn(probe.inputs[:1], probe.targets[:1]))
+        if distributed.is_distributed():
+            total = distributed.all_reduce_tree(total)
+            count = int(distributed.all_reduce_sum(torch.tensor(float(count))).item())
+        return tree_map(lambda t: t / count, total)
+
+    def _check_loss(self, loss: torch.Tensor, batch: Batch) -> None:
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLossError(
+                f"the loss is {loss.item()} on batch {batch.index} (examples {batch.start}–"
+                f"{batch.start + batch.size - 1}). Check the inputs of that batch for NaN/inf, "
+                "lower the learning rate, or inspect the parameters for non-finite values.")
+
+    # ----------------------------------------------------------------- quantities
+    def _params_or_current(self, params: Mapping[str, torch.Tensor] | None) -> Params:
+        return self.params() if params is None else dict(params)
+
+    def loss(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """L(θ), the exact mean loss over the dataset (a 0-dim tensor)."""
+        params = self._params_or_current(params)
+        with torch.no_grad():
+            return self.batch_mean(lambda x, y: self.batch_loss(params, x, y),
+                                   check=self._check_loss)
+
+    def grad(self, params: Mapping[str, torch.Tensor] | None = None) -> Params:
+        """∇L(θ), by name."""
+        return self.loss_and_grad(params)[1]
+
+    def loss_and_grad(self, params: Mapping[str, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, Params]:
+        """(L(θ), ∇L(θ)) in one pass over the data."""
+        params = self._params_or_current(params)
+        step = grad_and_value(self.batch_loss)
+
+        def both(x, y):
+            g, value = step(params, x, y)
+            return {"loss": value.detach(), "grad": {k: v.detach() for k, v in g.items()}}
+
+        out = self.batch_mean(both, check=lambda v, b: self._check_loss(v["loss"], b))
+        return out["loss"], out["grad"]
+
+    def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+            ) -> Params:
+        """H v with H = ∇²L(θ), by forward-over-reverse differentiation
+        (``jvp`` of ``grad``), summed over batches with size weights."""
+        params = self._params_or_current(params)
+        tangent = {k: v[k] for k in params}
+        batch_grad = grad(self.batch_loss)
+
+        def product(x, y):
+            _, hv = jvp(lambda p: batch_grad(p, x, y), (params,), (tangent,))
+            return {k: t.detach() for k, t in hv.items()}
+
+        return self.batch_mean(product)
+
+    def outputs(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """f(X; θ) for every example, in dataset order (all batches, not sharded)."""
+        params = self._params_or_current(params)
+        with torch.no_grad():
+            return torch.cat([self.forward(params, b.inputs) for b in self.per_batch(shard=False)])
+
+    def loss_and_accuracy(self, params: Mapping[str, torch.Tensor] | None = None
+                          ) -> tuple[float, float | None]:
+        """(L(θ), accuracy) in one pass; accuracy is ``None`` for regression targets."""
+        params = self._params_or_current(params)
+        classification = self.is_classification
+
+        def both(x, y):
+            out = self.forward(params, x)
+            loss = self.loss_fn(out, y)
+            acc = (out.argmax(dim=-1) == y).to(out.dtype).mean() if classification else loss * 0
+            return {"loss": loss, "accuracy": acc}
+
+        with torch.no_grad():
+            values = self.batch_mean(both, check=lambda v, b: self._check_loss(v["loss"], b))
+        return float(values["loss"]), (float(values["accuracy"]) if classification else None)
+
+    @property
+    def is_classification(self) -> bool:
+        if self._tensors is not None:
+            return not self._tensors[1].is_floating_point()
+        return self.num_classes is not None or not next(self._iterate_all())[1].is_floating_point()
+
+    # ----------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        if self._tensors is not None:
+            inputs, targets = self._tensors
+            if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+                bad = (~torch.isfinite(inputs.reshape(inputs.shape[0], -1))).any(dim=1).nonzero()
+                raise DataError(f"inputs contain NaN or inf in {bad.numel()} examples (first at "
+                                f"index {bad[0].item()}); clean or drop them before measuring.")
+            probe_x, probe_y = inputs[:2], targets[:2]
+        else:
+            probe_x, probe_y = next(iter(self._iterate_all()))
+            probe_x, probe_y = probe_x[:2], probe_y[:2]
+            targets = None
+        try:
+            with torch.no_grad():
+                out = self.forward(self.params(), self._prepare_inputs(probe_x))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ShapeMismatchError(
+                f"the model cannot be applied to inputs of shape {tuple(probe_x.shape[1:])} per "
+                f"example: {exc}. Check that the data matches the model's input size.") from exc
+        if self.loss_name == "cross_entropy":
+            if probe_y.is_floating_point():
+                raise DataError("cross_entropy needs integer class labels; got float targets. "
+                                "Use loss='mse' for regression targets.")
+            classes = out.shape[-1]
+            labels = targets if targets is not None else probe_y
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= classes:
+                raise DataError(f"labels range over [{low}, {high}] but the model has {classes} "
+                                f"outputs; labels must lie in [0, {classes - 1}].")
+        if self.train_mode and _has_batchnorm(self.model) and probe_x.shape[0] < 2:
+            raise DataError("BatchNorm in train mode needs batches of at least 2 examples.")
+        with torch.no_grad():
+            value = self.loss_fn(out, self._targets_to_device(probe_y))
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ShapeMismatchError(
+                f"the loss must return a scalar (the batch mean), but it returned {shape}. "
+                "Reduce it with .mean() over the batch.")
+
+    def _targets_to_device(self, targets: torch.Tensor) -> torch.Tensor:
+        return targets.to(self.device)
+
+    def __repr__(self) -> str:
+        return (f"Objective(model={type(self.model).__name__}, loss={self.loss_name!r}, "
+                f"examples={self.num_examples}, params={self.num_params}, "
+                f"mode={'train' if self.train_mode else 'eval'})")
+
+
+def as_objective(model_or_objective: nn.Module | Objective, data: Any = None, *,
+                 loss: str | LossFn = "cross_entropy", **kwargs: Any) -> Objective:
+    """Accept either an :class:`Objective` or ``(model, data, loss=...)``."""
+    if isinstance(model_or_objective, Objective):
+        if data is not None:
+            raise DataError("pass data either inside the Objective or as `data`, not both.")
+        return model_or_objective
+    if data is None:
+        raise DataError("data is required when passing a model; pass (inputs, targets), a "
+                        "Dataset or a DataLoader, or pass an Objective instead of the model.")
+    return Objective(model_or_objective, data, loss, **kwargs)

@@ -1,0 +1,71 @@
+"""Helpers for report sections: figures as inline SVG, tables, number formatting."""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["figure_html", "table_html", "fmt", "new_figure", "section_html"]
+
+
+def new_figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+    """A matplotlib figure (Agg, no display needed) and its axes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return fig, (axes[0, 0] if ncols == 1 else list(axes[0]))
+
+
+def figure_html(fig, *, caption: str | None = None) -> str:
+    """The figure as inline SVG (self-contained), closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    svg = buffer.getvalue()
+    svg = svg[svg.find("<svg"):]
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure class="plot">{svg}{cap}</figure>'
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return html.escape(str(value))
+
+
+def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """An HTML table of dict rows (union of keys as columns, in first-seen order)."""
+    if not rows:
+        return "<p><em>no rows</em></p>"
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(row.get(c))}</td>" for c in columns) + "</tr>"
+                   for row in rows)
+    return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def section_html(title: str, body: str, *, anchor: str | None = None) -> str:
+    anchor_attr = f' id="{html.escape(anchor)}"' if anchor else ""
+    return f"<section{anchor_attr}><h2>{html.escape(title)}</h2>{body}</section>"

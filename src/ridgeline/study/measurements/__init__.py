@@ -1,0 +1,1 @@
+"""Measurement kinds; each module registers its own (discovered automatically)."""
