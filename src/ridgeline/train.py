@@ -447,11 +447,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, An
     """Write the model's state (parameters and buffers) as safetensors, plus a JSON sidecar
     ``<path>.json`` with the architecture arguments and the ridgeline version.
 
-    Both files are written atomically. Returns the checkpoint path.
+    Both files are written atomically. Under torch.distributed only rank 0 writes, and
+    every rank returns once the files exist. Returns the checkpoint path.
     """
     from safetensors.torch import save as st_save
 
+    from ridgeline import distributed
+
     path = Path(path)
+    if not distributed.is_main_process():
+        distributed.barrier()
+        return path
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     info = {"format": CHECKPOINT_FORMAT, "ridgeline_version": __version__,
             "architecture": getattr(model, "ridgeline_architecture", None),
@@ -460,6 +466,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, An
             "metadata": dict(metadata or {})}
     _atomic_write_bytes(path, st_save(state, metadata={"format": CHECKPOINT_FORMAT}))
     _atomic_write_bytes(_sidecar(path), json.dumps(info, indent=2, default=str).encode())
+    distributed.barrier()
     return path
 
 

@@ -1,0 +1,46 @@
+"""Two gloo processes on CPU give the single-process values (float64: 1e-10, float32: 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.distributed
+
+WORKER = Path(__file__).with_name("worker.py")
+sys.path.insert(0, str(WORKER.parent))
+
+import worker  # noqa: E402
+
+
+def launch(tmp_path: Path, dtype: str) -> dict:
+    out = tmp_path / f"{dtype}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(WORKER), str(out), dtype]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_two_processes_equal_one(tmp_path, dtype, tol):
+    worker._register_instrument_checks()
+    model, data = worker.problem(getattr(torch, dtype))
+    from ridgeline import Objective
+
+    single = worker.quantities(Objective(model, data, batch_size=8))
+    sharded = launch(tmp_path, dtype)
+    assert sharded.pop("world_size") == [2]
+    assert set(sharded) == set(single)
+    for name, expected in single.items():
+        got = torch.tensor(sharded[name], dtype=torch.float64)
+        want = torch.tensor(expected, dtype=torch.float64)
+        scale = max(1.0, float(want.abs().max()))
+        assert torch.allclose(got, want, atol=tol * scale, rtol=0), (name, got, want)

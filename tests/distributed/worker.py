@@ -1,0 +1,78 @@
+"""Run under ``torchrun --nproc_per_node=2``: every rank computes the same quantities with a
+sharded Objective; rank 0 writes them to the JSON file named on the command line.
+
+Each check is a function ``name(objective) -> tensor or list``; the test computes the same
+in one process and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ridgeline import Objective, distributed
+from ridgeline.params import flatten, random_direction, unflatten
+
+
+def problem(dtype: torch.dtype):
+    """The shared problem: a small MLP and 37 examples (uneven batches of 8)."""
+    from ridgeline.data import gaussian_mixture
+    from ridgeline.models import mlp
+
+    torch.manual_seed(0)
+    model = mlp(4, [6], 3, activation="tanh").to(dtype)
+    data = gaussian_mixture(37, num_classes=3, dim=4, seed=1).to(dtype=dtype)
+    return model, data
+
+
+def quantities(objective: Objective) -> dict:
+    """Everything compared between one and two processes."""
+    out: dict = {}
+    loss, grad = objective.loss_and_grad()
+    out["loss"] = [float(loss)]
+    out["grad"] = flatten(grad).tolist()
+    direction = random_direction(objective.params(), normalization=None, ignore=None, seed=3)
+    out["hvp"] = flatten(objective.hvp(direction)).tolist()
+    out["accuracy"] = [objective.loss_and_accuracy()[1]]
+    for name, extra in EXTRA_CHECKS.items():
+        out[name] = extra(objective)
+    return out
+
+
+EXTRA_CHECKS: dict = {}
+
+
+def _register_instrument_checks() -> None:
+    """Instrument checks, added when the instruments are present."""
+    try:
+        from ridgeline import curvature
+    except ImportError:  # pragma: no cover
+        curvature = None
+    if curvature is not None and hasattr(curvature, "top_eigenvalues"):
+        EXTRA_CHECKS["top_eigenvalues"] = lambda o: curvature.top_eigenvalues(
+            o, k=2, tol=1e-8, seed=0).values.tolist()
+    if curvature is not None and hasattr(curvature, "trace"):
+        EXTRA_CHECKS["trace"] = lambda o: [float(curvature.trace(
+            o, method="hutchinson", max_matvecs=20, rtol=1e-12, seed=0).value)]
+
+
+def main(path: str, dtype_name: str) -> None:
+    dist.init_process_group("gloo")
+    _register_instrument_checks()
+    dtype = getattr(torch, dtype_name)
+    model, data = problem(dtype)
+    objective = Objective(model, data, batch_size=8)
+    values = quantities(objective)
+    values["world_size"] = [distributed.world_size()]
+    if distributed.is_main_process():
+        with open(path, "w") as handle:
+            json.dump(values, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
