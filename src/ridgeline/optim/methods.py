@@ -1,0 +1,150 @@
+"""Training methods ``"sam"``, ``"asam"``, ``"saf"`` and ``"mesa"`` for :func:`ridgeline.train`.
+
+Each is a :class:`~ridgeline.train.StepRule` built by a registered factory, so
+``ridgeline.train(model, data, optimizer="saf", lag=3)`` (or ``ridgeline train --optimizer
+saf`` on the command line) trains with it. The rule's ``optimizer`` is the base optimizer,
+so learning-rate schedulers act on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ridgeline.errors import NonFiniteLossError
+from ridgeline.optim.mesa import EMATeacherLoss
+from ridgeline.optim.saf import TrajectoryLoss
+from ridgeline.optim.sam import SAM, frozen_norm_stats
+from ridgeline.train import (
+    MethodContext,
+    StepRule,
+    base_optimizer,
+    check_finite,
+    register_training_method,
+)
+
+__all__ = ["SAMStep", "SAFStep", "MESAStep"]
+
+
+def _base(ctx: MethodContext, name: str) -> torch.optim.Optimizer:
+    return base_optimizer(name, ctx.model.parameters(), lr=ctx.lr, momentum=ctx.momentum,
+                          weight_decay=ctx.weight_decay)
+
+
+class SAMStep(StepRule):
+    """Forward/backward at θ, ascend to θ + ε, forward/backward there (BatchNorm statistics
+    frozen), restore θ and step the base optimizer: two gradient evaluations per step."""
+
+    def __init__(self, model, sam: SAM, loss_fn) -> None:
+        super().__init__(model, sam.base_optimizer, loss_fn)
+        self.sam = sam
+
+    def step(self, inputs, targets, indices, epoch):
+        sam = self.sam
+        sam.zero_grad(set_to_none=True)
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, targets)
+        check_finite(loss, epoch)
+        loss.backward()
+        sam.first_step(zero_grad=True)
+        with frozen_norm_stats(self.model):
+            perturbed = self.loss_fn(self.model(inputs), targets)
+        if not bool(torch.isfinite(perturbed)):
+            sam.restore()
+            sam.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"the loss at θ + ε became {perturbed.item()} in epoch {epoch}; θ was restored "
+                f"and no step was taken. Lower rho (now {sam.param_groups[0]['rho']}) or the "
+                "learning rate.")
+        perturbed.backward()
+        sam.second_step()
+        return loss.detach(), outputs.detach()
+
+    def describe(self) -> dict:
+        group = self.sam.param_groups[0]
+        return {"rule": "SAMStep", "optimizer": type(self.optimizer).__name__,
+                "adaptive": group["adaptive"], "rho": group["rho"], "eta": group["eta"]}
+
+
+class SAFStep(StepRule):
+    """One forward/backward of loss + SAF's trajectory term; the base optimizer steps."""
+
+    def __init__(self, model, optimizer, loss_fn, trajectory: TrajectoryLoss) -> None:
+        super().__init__(model, optimizer, loss_fn)
+        self.trajectory = trajectory
+
+    def step(self, inputs, targets, indices, epoch):
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, targets)
+        check_finite(loss, epoch)
+        (loss + self.trajectory(outputs, indices, epoch)).backward()
+        self.optimizer.step()
+        return loss.detach(), outputs.detach()
+
+    def describe(self) -> dict:
+        return {"rule": "SAFStep", "optimizer": type(self.optimizer).__name__,
+                **self.trajectory.describe()}
+
+
+class MESAStep(StepRule):
+    """Loss + KL to an EMA teacher (one extra forward); the teacher follows every step."""
+
+    def __init__(self, model, optimizer, loss_fn, teacher: EMATeacherLoss) -> None:
+        super().__init__(model, optimizer, loss_fn)
+        self.teacher = teacher
+
+    def step(self, inputs, targets, indices, epoch):
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, targets)
+        check_finite(loss, epoch)
+        (loss + self.teacher(inputs, outputs, epoch)).backward()
+        self.optimizer.step()
+        self.teacher.update()
+        return loss.detach(), outputs.detach()
+
+    def describe(self) -> dict:
+        return {"rule": "MESAStep", "optimizer": type(self.optimizer).__name__,
+                **self.teacher.describe()}
+
+
+def _sam_factory(adaptive: bool):
+    def factory(ctx: MethodContext, *, rho: float | None = None, base: str = "sgd",
+                eta: float = 0.0) -> SAMStep:
+        """SAM (``rho`` default 0.05) or ASAM (``rho`` default 2.0, offset ``eta``) over the
+        base optimizer ``base`` ("sgd", "adam", "adamw") built with the run's lr/momentum."""
+        inner = _base(ctx, base)
+        sam = SAM(list(ctx.model.parameters()), inner, rho=rho, adaptive=adaptive, eta=eta,
+                  model=ctx.model)
+        return SAMStep(ctx.model, sam, ctx.loss_fn)
+    return factory
+
+
+register_training_method("sam")(_sam_factory(adaptive=False))
+register_training_method("asam")(_sam_factory(adaptive=True))
+
+
+@register_training_method("saf")
+def saf_method(ctx: MethodContext, *, base: str = "sgd", lag: int = 3, temperature: float = 5.0,
+               weight: float = 0.3, start_epoch: int = 5, dtype: str = "float16") -> SAFStep:
+    """SAF (Du et al. 2022): the base optimizer on loss + λτ²·KL to the logits of ``lag``
+    epochs earlier (ring buffer of ``lag + 1`` epochs of logits in ``dtype``)."""
+    trajectory = TrajectoryLoss(ctx.num_examples, ctx.num_outputs, lag=lag,
+                                temperature=temperature, weight=weight, start_epoch=start_epoch,
+                                dtype=dtype)
+    return SAFStep(ctx.model, _base(ctx, base), ctx.loss_fn, trajectory)
+
+
+@register_training_method("mesa")
+def mesa_method(ctx: MethodContext, *, base: str = "sgd", decay: float | None = None,
+                temperature: float = 5.0, weight: float = 0.8, start_epoch: int = 5) -> MESAStep:
+    """MESA (Du et al. 2022): the base optimizer on loss + λτ²·KL to an EMA teacher.
+
+    ``decay=None`` picks d = 1 − 1/(3 · steps per epoch), an EMA horizon of about three
+    epochs (SAF's lag); at ImageNet scale (≈1250 steps per epoch) that is the paper's 0.9997.
+    """
+    if decay is None:
+        decay = 1.0 - 1.0 / (3 * max(ctx.steps_per_epoch, 1))
+    teacher = EMATeacherLoss(ctx.model, decay=decay, temperature=temperature, weight=weight,
+                             start_epoch=start_epoch)
+    return MESAStep(ctx.model, _base(ctx, base), ctx.loss_fn, teacher)

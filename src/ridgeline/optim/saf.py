@@ -1,0 +1,213 @@
+"""SAF: sharpness-aware training for free, via a KL term against each example's past logits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
+
+__all__ = ["TrajectoryLoss", "distillation_kl"]
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def distillation_kl(teacher_logits: torch.Tensor, outputs: torch.Tensor, temperature: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""τ² · (1/B) Σ_i m_i KL( softmax(t_i/τ) ‖ softmax(f_i/τ) ), gradient only through f.
+
+    ``mask`` (B,) weights the examples (0 drops one); the mean is over all B examples.
+    """
+    log_q = F.log_softmax(outputs.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_example = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    if mask is not None:
+        per_example = per_example * mask
+    return (temperature ** 2) * per_example.mean()
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ConfigError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}.")
+    return dtype
+
+
+class TrajectoryLoss:
+    r"""SAF's trajectory loss: KL to the logits each example had ``lag`` epochs earlier.
+
+    For a batch B of examples seen in epoch e with current logits f(x; θ_t),
+
+    .. math:: \mathcal L_\text{tra} = λ τ^2 \frac1{|B|} \sum_{i∈B}
+              \mathrm{KL}\big(\mathrm{softmax}(\hat y_{e-Ẽ}(x_i)/τ) \,\big\|\,
+              \mathrm{softmax}(f(x_i;θ_t)/τ)\big),
+
+    where ŷ_{e−Ẽ}(x_i) are the logits the network produced for x_i during epoch e − Ẽ
+    (Ẽ = ``lag``). It penalises how fast the outputs move along the trajectory, which Du
+    et al. show approximates SAM's sharpness term at no extra forward or backward pass.
+    Logits are kept per example index in a ring buffer of Ẽ + 1 epoch slots, so memory is
+    (Ẽ + 1)·N·O values of ``dtype`` plus one byte per slot and example (which examples a
+    slot holds). The term is 0 before ``start_epoch`` and for examples without logits from
+    epoch e − Ẽ (the first Ẽ epochs, or an example skipped by ``drop_last``).
+
+    Parameters
+    ----------
+    num_examples : int
+        N, the size of the training set; indices must lie in [0, N).
+    num_outputs : int
+        O, the number of logits per example.
+    lag : int
+        Ẽ ≥ 1 epochs (paper: 2–3).
+    temperature : float
+        τ > 0 (paper: 5).
+    weight : float
+        λ ≥ 0 (paper: 0.3).
+    start_epoch : int
+        First epoch with a non-zero term (paper: about 5, or 30 % of training).
+    dtype : torch.float16, torch.bfloat16 or torch.float32
+        Storage type of the buffer (half precision halves the memory).
+    device : torch.device, optional
+        Where the buffer lives; by default the device of the first logits it sees.
+
+    Notes
+    -----
+    Call ``loss_term = saf(outputs, indices, epoch)`` once per step with the batch's
+    training-set indices (:class:`~ridgeline.optim.IndexedDataset` yields them) and add it
+    to the loss. Epochs must not decrease, and every epoch must see the same number of
+    examples (a changing loader length is an error: the stored logits would not line up).
+
+    References
+    ----------
+    Du, Zhou, Feng, Ong & Goh (2022), "Sharpness-Aware Training for Free", NeurIPS.
+    """
+
+    def __init__(self, num_examples: int, num_outputs: int, *, lag: int = 3,
+                 temperature: float = 5.0, weight: float = 0.3, start_epoch: int = 5,
+                 dtype: torch.dtype | str = torch.float16,
+                 device: torch.device | str | None = None) -> None:
+        if int(num_examples) < 1 or int(num_outputs) < 1:
+            raise ConfigError(f"num_examples and num_outputs must be ≥ 1, got {num_examples} "
+                              f"and {num_outputs}.")
+        if int(lag) < 1:
+            raise ConfigError(f"lag must be ≥ 1 epoch, got {lag}.")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"temperature must be > 0, got {temperature}.")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"weight must be ≥ 0, got {weight}.")
+        self.num_examples, self.num_outputs = int(num_examples), int(num_outputs)
+        self.lag, self.temperature, self.weight = int(lag), float(temperature), float(weight)
+        self.start_epoch = int(start_epoch)
+        self.dtype = resolve_dtype(dtype)
+        self.slots = self.lag + 1
+        self._device = None if device is None else torch.device(device)
+        self._logits: torch.Tensor | None = None
+        self._written: torch.Tensor | None = None
+        self._slot_epoch = [None] * self.slots
+        self._epoch: int | None = None
+        self._seen = 0
+        self._epoch_sizes: list[int] = []
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the ring buffer: (lag+1)·N·O logits of ``dtype`` + (lag+1)·N flags."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return self.slots * self.num_examples * (self.num_outputs * item + 1)
+
+    def _allocate(self, device: torch.device) -> None:
+        device = self._device or device
+        self._logits = torch.empty(self.slots, self.num_examples, self.num_outputs,
+                                   dtype=self.dtype, device=device)
+        self._written = torch.zeros(self.slots, self.num_examples, dtype=torch.bool, device=device)
+
+    # ------------------------------------------------------------------ epochs
+    def _advance(self, epoch: int) -> None:
+        if self._epoch is not None and epoch < self._epoch:
+            raise ConfigError(f"epoch went back from {self._epoch} to {epoch}; TrajectoryLoss "
+                              "needs non-decreasing epochs (make a new one to restart training).")
+        if self._epoch is None or epoch > self._epoch:
+            if self._epoch is not None:
+                self._epoch_sizes.append(self._seen)
+                if len(self._epoch_sizes) >= 2 and self._epoch_sizes[-1] != self._epoch_sizes[-2]:
+                    raise DataError(
+                        f"epoch {self._epoch} had {self._epoch_sizes[-1]} examples but the epoch "
+                        f"before had {self._epoch_sizes[-2]}: the data loader's length changed, "
+                        "so stored logits no longer line up with examples. Keep the loader fixed "
+                        "(same dataset, batch size and drop_last) for the whole run.")
+            self._epoch, self._seen = epoch, 0
+            slot = epoch % self.slots
+            self._slot_epoch[slot] = epoch
+            if self._written is not None:
+                self._written[slot].zero_()
+
+    def _check(self, outputs: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:
+            raise DataError("TrajectoryLoss needs the training-set index of every example in the "
+                            "batch; wrap your dataset in ridgeline.optim.IndexedDataset (it yields "
+                            "(x, y, index)) and pass the indices.")
+        indices = torch.as_tensor(indices)
+        if indices.dtype.is_floating_point or indices.dim() != 1:
+            raise DataError(f"indices must be a 1-D integer tensor, got dtype {indices.dtype} and "
+                            f"shape {tuple(indices.shape)}.")
+        if outputs.dim() != 2 or outputs.shape != (indices.shape[0], self.num_outputs):
+            raise ShapeMismatchError(
+                f"outputs have shape {tuple(outputs.shape)} but TrajectoryLoss expects "
+                f"({indices.shape[0]}, {self.num_outputs}) for a batch of {indices.shape[0]} "
+                "indices; pass the logits (batch, num_outputs).")
+        if indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.num_examples:
+                raise DataError(f"example index {high if high >= self.num_examples else low} is "
+                                f"outside [0, {self.num_examples}): TrajectoryLoss was sized for "
+                                f"{self.num_examples} examples. Build it with num_examples = the "
+                                "training-set size.")
+        return indices
+
+    # ------------------------------------------------------------------ the term
+    def stored_logits(self, indices: torch.Tensor, epoch: int) -> torch.Tensor | None:
+        """The logits stored for ``indices`` in ``epoch`` (float32), or None if that epoch is
+        no longer (or not yet) in the buffer or some of these examples were not seen in it."""
+        if self._logits is None or epoch < 0:
+            return None
+        slot = epoch % self.slots
+        if self._slot_epoch[slot] != epoch:
+            return None
+        indices = torch.as_tensor(indices, device=self._logits.device)
+        if not bool(self._written[slot].index_select(0, indices).all()):
+            return None
+        return self._logits[slot].index_select(0, indices).float()
+
+    def __call__(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> torch.Tensor:
+        """Store this batch's logits for ``epoch`` and return λ τ² · mean KL against the
+        logits of ``epoch − lag`` (0 before ``start_epoch`` or without such logits)."""
+        indices = self._check(outputs, indices)
+        if self._logits is None:
+            self._allocate(outputs.device)
+        self._advance(int(epoch))
+        idx = indices.to(self._logits.device)
+        self._seen += int(idx.numel())
+        term = outputs.new_zeros(())
+        past = epoch - self.lag
+        read = past % self.slots
+        if epoch >= self.start_epoch and self.weight > 0 and self._slot_epoch[read] == past:
+            mask = self._written[read].index_select(0, idx)
+            teacher = self._logits[read].index_select(0, idx).to(outputs.device)
+            if bool(mask.all()):
+                term = self.weight * distillation_kl(teacher, outputs, self.temperature)
+            elif bool(mask.any()):
+                term = self.weight * distillation_kl(teacher, outputs, self.temperature,
+                                                     mask.to(outputs.device, outputs.dtype))
+        slot = epoch % self.slots
+        self._logits[slot].index_copy_(0, idx, outputs.detach().to(self._logits.device, self.dtype))
+        self._written[slot].index_fill_(0, idx, True)
+        return term.to(outputs.dtype)
+
+    def describe(self) -> dict:
+        return {"lag": self.lag, "temperature": self.temperature, "weight": self.weight,
+                "start_epoch": self.start_epoch, "dtype": str(self.dtype).replace("torch.", ""),
+                "memory_bytes": self.memory_bytes}
