@@ -289,13 +289,13 @@ def train(model: nn.Module, data: Any, *, optimizer: str | torch.optim.Optimizer
                           f"batch_size={batch_size}.")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    from ridgeline.objective import Objective
+    from ridgeline.objective import Objective, module_mode
 
     Objective(model, (inputs[:4], targets[:4]), loss_fn)  # validates shapes, labels, loss
     eval_tensors = coerce_tensors(eval_data, "eval_data")[:2] if eval_data is not None else None
     num_examples = int(inputs.shape[0])
     steps_per_epoch = math.ceil(num_examples / batch_size)
-    with torch.no_grad():
+    with torch.no_grad(), module_mode(model, False):  # eval mode: BN must not see this probe
         num_outputs = int(model(inputs[:1].to(device, dtype)).shape[-1])
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
