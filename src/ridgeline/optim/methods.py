@@ -65,43 +65,53 @@ class SAMStep(StepRule):
                 "adaptive": group["adaptive"], "rho": group["rho"], "eta": group["eta"]}
 
 
-class SAFStep(StepRule):
-    """One forward/backward of loss + SAF's trajectory term; the base optimizer steps."""
+class _PenaltyStep(StepRule):
+    """One forward/backward of loss + a penalty on the outputs; the base optimizer steps."""
 
-    def __init__(self, model, optimizer, loss_fn, trajectory: TrajectoryLoss) -> None:
-        super().__init__(model, optimizer, loss_fn)
-        self.trajectory = trajectory
+    def penalty(self, inputs, outputs, indices, epoch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after each optimizer step."""
 
     def step(self, inputs, targets, indices, epoch):
         self.optimizer.zero_grad(set_to_none=True)
         outputs = self.model(inputs)
         loss = self.loss_fn(outputs, targets)
         check_finite(loss, epoch)
-        (loss + self.trajectory(outputs, indices, epoch)).backward()
+        (loss + self.penalty(inputs, outputs, indices, epoch)).backward()
         self.optimizer.step()
+        self.after_step()
         return loss.detach(), outputs.detach()
+
+
+class SAFStep(_PenaltyStep):
+    """Loss + SAF's trajectory term (no extra forward or backward pass)."""
+
+    def __init__(self, model, optimizer, loss_fn, trajectory: TrajectoryLoss) -> None:
+        super().__init__(model, optimizer, loss_fn)
+        self.trajectory = trajectory
+
+    def penalty(self, inputs, outputs, indices, epoch):
+        return self.trajectory(outputs, indices, epoch)
 
     def describe(self) -> dict:
         return {"rule": "SAFStep", "optimizer": type(self.optimizer).__name__,
                 **self.trajectory.describe()}
 
 
-class MESAStep(StepRule):
+class MESAStep(_PenaltyStep):
     """Loss + KL to an EMA teacher (one extra forward); the teacher follows every step."""
 
     def __init__(self, model, optimizer, loss_fn, teacher: EMATeacherLoss) -> None:
         super().__init__(model, optimizer, loss_fn)
         self.teacher = teacher
 
-    def step(self, inputs, targets, indices, epoch):
-        self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(inputs)
-        loss = self.loss_fn(outputs, targets)
-        check_finite(loss, epoch)
-        (loss + self.teacher(inputs, outputs, epoch)).backward()
-        self.optimizer.step()
+    def penalty(self, inputs, outputs, indices, epoch):
+        return self.teacher(inputs, outputs, epoch)
+
+    def after_step(self) -> None:
         self.teacher.update()
-        return loss.detach(), outputs.detach()
 
     def describe(self) -> dict:
         return {"rule": "MESAStep", "optimizer": type(self.optimizer).__name__,
