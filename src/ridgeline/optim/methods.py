@@ -46,16 +46,18 @@ class SAMStep(StepRule):
         check_finite(loss, epoch)
         loss.backward()
         sam.first_step(zero_grad=True)
-        with frozen_norm_stats(self.model):
+        with frozen_norm_stats(self.model):  # restored after backward (BN saves them for it)
             perturbed = self.loss_fn(self.model(inputs), targets)
-        if not bool(torch.isfinite(perturbed)):
+            finite = bool(torch.isfinite(perturbed))
+            if finite:
+                perturbed.backward()
+        if not finite:
             sam.restore()
             sam.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"the loss at θ + ε became {perturbed.item()} in epoch {epoch}; θ was restored "
                 f"and no step was taken. Lower rho (now {sam.param_groups[0]['rho']}) or the "
                 "learning rate.")
-        perturbed.backward()
         sam.second_step()
         return loss.detach(), outputs.detach()
 

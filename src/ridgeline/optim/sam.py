@@ -28,10 +28,11 @@ _NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     """Leave every normalisation layer's running statistics as they are on exit.
 
-    Wrap SAM's second forward pass (at θ + ε) in this, so BatchNorm running statistics
-    are updated once per SAM step (by the first forward at θ) and not twice. The batch
-    statistics themselves are still used in train mode; only the stored running mean,
-    variance and batch counter are saved on entry and restored on exit.
+    Wrap SAM's second forward *and backward* pass (at θ + ε) in this, so BatchNorm running
+    statistics are updated once per SAM step (by the first forward at θ) and not twice.
+    The batch statistics themselves are still used in train mode; only the stored running
+    mean, variance and batch counter are saved on entry and restored (in place) on exit,
+    which is why the backward pass must run inside (autograd saved those tensors).
     """
     saved = []
     for module in model.modules():
