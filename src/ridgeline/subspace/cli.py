@@ -1,0 +1,106 @@
+"""``ridgeline intrinsic-dim``: the intrinsic dimension of a reference model on a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from ridgeline.errors import ConfigError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}.") from exc
+
+
+def _baseline(text: str):
+    from ridgeline.errors import ConfigError
+
+    if text == "measured":
+        return text
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise ConfigError(f"--baseline must be 'measured' or an accuracy such as 1.0, got {text!r}.") from exc
+
+
+def _model_fn(model: str, widths: list[int], data):
+    """A zero-argument builder of the reference model for the data's shape."""
+    from ridgeline.models import build_model
+
+    in_features = int(data.inputs[0].numel())
+    classes = data.num_classes or int(data.targets.max()) + 1
+    if model == "mlp":
+        kwargs = {"in_features": in_features, "widths": widths, "out_features": classes}
+    else:
+        kwargs = {"out_features": classes, ("channels" if model == "cnn1d" else "widths"): widths}
+        if data.inputs.dim() == 4:
+            kwargs.update(in_channels=int(data.inputs.shape[1]), dims=2)
+    build_model(model, **kwargs)  # fail fast on bad arguments
+    return lambda: build_model(model, **kwargs)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("intrinsic-dim")
+    def intrinsic_dim(
+        model: str = typer.Option("mlp", "--model", help="mlp, cnn1d or resnet."),
+        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        widths: str = typer.Option("64,64", "--widths", help="Hidden widths (mlp) or channels."),
+        dims: str = typer.Option("10,30,100,300,1000,3000", "--dims",
+                                 help="Subspace dimensions to try (the coarse grid)."),
+        epochs: int = typer.Option(10, "--epochs", help="Training epochs per run."),
+        projection: str = typer.Option("fastfood", "--projection",
+                                       help="dense, sparse, fastfood or orthogonal."),
+        search: str = typer.Option("grid", "--search", help="grid, or bisect after the grid."),
+        seeds: int = typer.Option(1, "--seeds", help="Runs per d (averaged)."),
+        threshold: float = typer.Option(0.9, "--threshold", help="Fraction of the baseline to reach."),
+        baseline: str = typer.Option("measured", "--baseline",
+                                     help="'measured' (train the full model) or an accuracy, e.g. 1.0 "
+                                          "for an absolute threshold."),
+        optimizer: str = typer.Option("adam", "--optimizer", help="sgd, adam or adamw."),
+        lr: float = typer.Option(3e-2, "--lr", help="Learning rate of z."),
+        baseline_lr: float | None = typer.Option(None, "--baseline-lr",
+                                                    help="Learning rate of the full model."),
+        batch_size: int = typer.Option(128, "--batch-size"),
+        seed: int = typer.Option(0, "--seed"),
+        subset: int | None = typer.Option(None, "--subset", help="Use the first N training examples."),
+        json_out: Path | None = typer.Option(None, "--json", help="Write the result as JSON here."),
+        plot: Path | None = typer.Option(None, "--plot", help="Save accuracy vs d (png/svg/pdf)."),
+    ) -> None:
+        """Accuracy of training in random d-dimensional subspaces, and d_int90 (Li et al. 2018)."""
+        from ridgeline.cli import fail, load_data, progress_on
+        from ridgeline.errors import RidgelineError
+        from ridgeline.subspace.intrinsic import intrinsic_dimension
+
+        try:
+            train_data, test_data = load_data(data, "train", subset), load_data(data, "test")
+            result = intrinsic_dimension(
+                _model_fn(model, _ints(widths, "--widths"), train_data), train_data,
+                dims=_ints(dims, "--dims"), threshold=threshold, baseline=_baseline(baseline),
+                epochs=epochs, seeds=seeds, search=search, eval_data=test_data,
+                projection=projection, optimizer=optimizer, lr=lr, baseline_lr=baseline_lr,
+                batch_size=batch_size, seed=seed, progress=progress_on())
+        except RidgelineError as exc:
+            fail(exc)
+        typer.echo(f"{model} {widths} on {data}: D = {result.num_params} parameters, "
+                   f"{projection} projection, {epochs} epochs, {seeds} seed(s)")
+        typer.echo(f"{'d':>8}  {result.metric:>14}  reached")
+        for d, mean in zip(result.dims, result.mean_accuracies):
+            typer.echo(f"{d:>8}  {mean:>14.4f}  {'yes' if mean >= result.target else 'no'}")
+        typer.echo(f"baseline ({result.baseline_kind}): {result.baseline:.4f}")
+        typer.echo(f"threshold basis: {result.basis}")
+        found = result.d_int90 if result.d_int90 is not None else f"not reached (> {result.dims[-1]})"
+        typer.echo(f"d_int{round(100 * threshold)} = {found}")
+        if json_out is not None:
+            json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        if plot is not None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            ax = result.plot()
+            ax.figure.tight_layout()
+            ax.figure.savefig(plot)
