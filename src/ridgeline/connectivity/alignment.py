@@ -1,0 +1,424 @@
+"""Permutation alignment of two networks: weight matching and activation matching.
+
+Both find, for every permutation of a :class:`PermutationSpec`, the reordering of model B's
+hidden units that best matches model A's, and return a permuted copy of B that computes
+exactly B's function (Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin").
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
+from ridgeline.params import check_same_structure
+
+from .permutation_spec import (
+    ACTIVATIONS,
+    PermutationSpec,
+    apply_permutations,
+    coerce_spec,
+    permutation_spec,
+    trace,
+)
+
+__all__ = ["align", "AlignmentResult", "weight_matching", "activation_matching",
+           "permute_model", "model_state"]
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """The outcome of :func:`align`.
+
+    Attributes
+    ----------
+    model : nn.Module
+        A permuted copy of model B; it computes exactly B's function.
+    permutations : dict[str, Tensor]
+        Permutation name → LongTensor ``perm`` with unit ``i`` of the aligned model equal to
+        unit ``perm[i]`` of B.
+    iterations : int
+        Full passes over the permutations (weight matching) or 1 (activation matching).
+    objective_trace : tuple[float, ...]
+        Weight matching: Σ_k ⟨θ_A,k, π(θ_B)_k⟩ after each pass (non-decreasing).
+        Activation matching: the summed correlation of matched units.
+    converged : bool
+        Weight matching stopped because a full pass improved nothing.
+    method : str
+    spec : PermutationSpec
+    seconds : float
+    """
+
+    model: nn.Module
+    permutations: dict[str, torch.Tensor]
+    iterations: int
+    objective_trace: tuple[float, ...]
+    converged: bool
+    method: str
+    spec: PermutationSpec
+    seconds: float = 0.0
+    initial_objective: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def changed_units(self) -> int:
+        """How many hidden units moved (over all permutations)."""
+        return int(sum((p != torch.arange(p.numel())).sum() for p in self.permutations.values()))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "iterations": self.iterations,
+                "objective_trace": list(self.objective_trace), "converged": self.converged,
+                "initial_objective": self.initial_objective, "seconds": self.seconds,
+                "changed_units": self.changed_units,
+                "permutation_sizes": {k: int(v.numel()) for k, v in self.permutations.items()},
+                "permutations": {k: v.tolist() for k, v in self.permutations.items()},
+                "notes": list(self.notes)}
+
+    def plot(self, ax=None):
+        """The matching objective after each pass."""
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            _, ax = plt.subplots(figsize=(4.5, 3))
+        values = ([self.initial_objective] if self.initial_objective is not None else []) + list(
+            self.objective_trace)
+        ax.plot(range(len(values)), values, marker="o")
+        ax.set_xlabel("pass")
+        ax.set_ylabel("matching objective")
+        ax.set_title(f"{self.method} matching")
+        return ax
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name (detached)."""
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    state.update({k: v.detach() for k, v in model.named_buffers()})
+    return state
+
+
+def permute_model(model: nn.Module, spec: PermutationSpec,
+                  perms: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with its units permuted (same function)."""
+    state = apply_permutations(model_state(model), spec, perms)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, tensor in list(out.named_parameters()) + list(out.named_buffers()):
+            tensor.copy_(state[name])
+    return out
+
+
+def _inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    return float(sum((a[k].double() * b[k].double()).sum() for k in a))
+
+
+def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                    spec: PermutationSpec, *, max_iter: int = 100, seed: int | None = 0,
+                    init: Mapping[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[float], bool]:
+    """Git Re-Basin weight matching by coordinate descent over permutations.
+
+    Maximises Σ_k ⟨θ_A,k, π(θ_B)_k⟩. For one permutation P with the others fixed, the
+    objective is ⟨P, C⟩ with C = Σ_{(k, a) ∋ P} W_A,k^(a) (W̃_B,k^(a))ᵀ, where W^(a) is tensor
+    k with axis a moved first and flattened, and W̃_B has every other permutation applied:
+    a linear assignment problem solved exactly by ``linear_sum_assignment(maximize=True)``.
+    Permutations are visited in a random order each pass; the loop stops when a full pass
+    improves nothing.
+
+    Returns (permutations, objective after each pass, converged).
+
+    References
+    ----------
+    Ainsworth, Hayase & Srinivasa (2023), "Git Re-Basin", Algorithm 1.
+    """
+    rng = np.random.default_rng(None if seed is None else int(seed) if not isinstance(
+        seed, torch.Generator) else int(seed.initial_seed()))
+    names = [k for k in params_a]
+    groups = spec.perm_to_axes(names)
+    sizes = dict(spec.perms)
+    perms = {p: (torch.as_tensor(init[p]).long() if init is not None and p in init
+                 else torch.arange(n)) for p, n in sizes.items()}
+    a64 = {k: params_a[k].detach().double().cpu() for k in names}
+    b64 = {k: params_b[k].detach().double().cpu() for k in names}
+    # A's side of every term is fixed: precompute its flattened matrix once
+    a_mats = {(k, axis): a64[k].movedim(axis, 0).reshape(a64[k].shape[axis], -1)
+              for p in groups for k, axis in groups[p]}
+    order = [p for p in sizes if groups[p]]
+    trace: list[float] = []
+    converged = False
+    for _ in range(max(int(max_iter), 1)):
+        improved = False
+        for index in rng.permutation(len(order)):
+            p = order[index]
+            n = sizes[p]
+            cost = torch.zeros(n, n, dtype=torch.float64)
+            for k, axis in groups[p]:
+                w_b = b64[k]
+                for other_axis, other in enumerate(spec.axes[k]):
+                    if other is not None and other_axis != axis:
+                        w_b = w_b.index_select(other_axis, perms[other])
+                cost += a_mats[(k, axis)] @ w_b.movedim(axis, 0).reshape(n, -1).T
+            rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+            old = float(cost[torch.arange(n), perms[p]].sum())
+            new = float(cost.numpy()[rows, cols].sum())
+            if new > old + 1e-12 * max(1.0, abs(old)):
+                perms[p] = torch.as_tensor(cols, dtype=torch.long)
+                improved = True
+        trace.append(_inner(a64, apply_permutations(b64, spec, perms)))
+        if not improved:
+            converged = True
+            break
+    return perms, trace, converged
+
+
+def _input_batches(data: Any, limit: int) -> list[torch.Tensor]:
+    """Up to ``limit`` inputs from the data, in batches."""
+    from ridgeline.data.dataset import Dataset
+
+    if isinstance(data, Dataset):
+        inputs = data.inputs
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        inputs = data[0]
+    elif isinstance(data, torch.Tensor):
+        inputs = data
+    else:
+        batches, count = [], 0
+        for item in data:
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            batches.append(x[:limit - count])
+            count += batches[-1].shape[0]
+            if count >= limit:
+                break
+        if not batches:
+            raise DataError("activation matching needs data: the loader yielded no batch.")
+        return batches
+    if inputs.shape[0] == 0:
+        raise DataError("activation matching needs data: got an empty dataset.")
+    return [inputs[:limit]]
+
+
+def as_model_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Inputs moved to the model's device, floating inputs cast to its dtype."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    inputs = inputs.to(device)
+    if dtype is not None and inputs.is_floating_point():
+        inputs = inputs.to(dtype)
+    return inputs
+
+
+def check_inputs(model: nn.Module, inputs: torch.Tensor) -> None:
+    """Raise ShapeMismatchError when the model cannot be applied to the inputs."""
+    from ridgeline.objective import module_mode
+
+    try:
+        with torch.no_grad(), module_mode(model, False):
+            model(inputs[:2])
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ShapeMismatchError(
+            f"the model cannot be applied to inputs of shape {tuple(inputs.shape[1:])} per "
+            f"example: {str(exc).splitlines()[0]}. Check that the data matches the model's "
+            "input size.") from exc
+
+
+def _site_nodes(graph_module: Any, tracer: Any, spec_labels: dict[int, str]) -> dict[str, list[tuple[Any, int]]]:
+    """For each permutation, the graph values it acts on: outputs of nonlinearities where
+    there are any, otherwise every value carrying it."""
+    from .permutation_spec import _op_name
+
+    uf = tracer.uf
+    acts: dict[str, list[tuple[Any, int]]] = {}
+    anywhere: dict[str, list[tuple[Any, int]]] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        value = tracer.vars.get(node)
+        if not isinstance(value, tuple) or len(value) < 2:
+            continue
+        for axis, var in enumerate(value):
+            label = spec_labels.get(uf.find(var))
+            if label is None:
+                continue
+            anywhere.setdefault(label, []).append((node, axis))
+            if _op_name(node.target) in ACTIVATIONS:
+                acts.setdefault(label, []).append((node, axis))
+            break
+    return {p: acts.get(p) or anywhere.get(p, []) for p in set(acts) | set(anywhere)}
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs a traced graph and keeps the values of the ``wanted`` nodes."""
+
+    def __init__(self, graph_module: Any, wanted: set) -> None:
+        super().__init__(graph_module)
+        self.wanted, self.recorded = wanted, {}
+
+    def run_node(self, n: Any) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.recorded[n] = out.detach()
+        return out
+
+
+class _Moments:
+    """Running sums for the cross-correlation of two sets of unit activations."""
+
+    def __init__(self, n: int) -> None:
+        z = torch.zeros(n, dtype=torch.float64)
+        self.count, self.sa, self.sb, self.saa, self.sbb = 0, z.clone(), z.clone(), z.clone(), z.clone()
+        self.sab = torch.zeros(n, n, dtype=torch.float64)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.double(), b.double()
+        self.count += a.shape[0]
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+        self.sab += a.T @ b
+
+    def correlation(self) -> torch.Tensor:
+        m = max(self.count, 1)
+        mean_a, mean_b = self.sa / m, self.sb / m
+        std_a = (self.saa / m - mean_a ** 2).clamp_min(0).sqrt()
+        std_b = (self.sbb / m - mean_b ** 2).clamp_min(0).sqrt()
+        cov = self.sab / m - torch.outer(mean_a, mean_b)
+        return cov / (torch.outer(std_a, std_b) + 1e-12)
+
+
+def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec,
+                        *, max_examples: int = 4096) -> tuple[dict[str, torch.Tensor], float]:
+    """Git Re-Basin activation matching: for each permutation, the assignment maximising
+    the summed Pearson correlation ρ_ij = cov(z_A,i, z_B,j)/(σ_A,i σ_B,j) of the two
+    networks' unit activations over the data (all positions of every value the
+    permutation acts on; outputs of nonlinearities where there are any).
+
+    Returns (permutations, total correlation of the matched units).
+
+    References
+    ----------
+    Ainsworth, Hayase & Srinivasa (2023), "Git Re-Basin", §3.1.
+    """
+    from ridgeline.objective import module_mode
+
+    from .permutation_spec import _group_names
+
+    state_a, state_b = model_state(model_a), model_state(model_b)
+    moments: dict[str, _Moments] = {}
+    for inputs in _input_batches(data, max_examples):
+        inputs = as_model_input(model_a, inputs)
+        check_inputs(model_a, inputs)
+        graph_module, tracer, names = trace(model_a, inputs)
+        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"][:len(names)]
+        labels, roots = _group_names(tracer, state_a, names, placeholders)
+        # the traced permutations under the names of the spec in use (it may be manual)
+        renamed: dict[str, str] = {}
+        for name, axes in roots.items():
+            for axis, root in enumerate(axes):
+                if root in labels and spec.axes.get(name, ())[axis:axis + 1] not in ((), (None,)):
+                    renamed.setdefault(labels[root], spec.axes[name][axis])
+        sites = {renamed[label]: items
+                 for label, items in _site_nodes(graph_module, tracer, labels).items()
+                 if label in renamed}
+        wanted = {node for items in sites.values() for node, _ in items}
+        values: dict[str, dict[Any, torch.Tensor]] = {}
+        for tag, state in (("a", state_a), ("b", state_b)):
+            recorder = _Recorder(graph_module, wanted)
+            with torch.no_grad(), module_mode(model_a, False):
+                recorder.run(*[state[k] for k in names], inputs)
+            values[tag] = recorder.recorded
+        for perm, items in sites.items():
+            if perm not in spec.perms:
+                continue
+            n = spec.perms[perm]
+            acc = moments.setdefault(perm, _Moments(n))
+            for node, axis in items:
+                za = values["a"][node].movedim(axis, -1).reshape(-1, n)
+                zb = values["b"][node].movedim(axis, -1).reshape(-1, n)
+                acc.add(za, zb)
+    perms: dict[str, torch.Tensor] = {}
+    total = 0.0
+    for perm, n in spec.perms.items():
+        if perm not in moments:
+            perms[perm] = torch.arange(n)
+            continue
+        corr = moments[perm].correlation()
+        rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+        perms[perm] = torch.as_tensor(cols, dtype=torch.long)
+        total += float(corr.numpy()[rows, cols].sum())
+    return perms, total
+
+
+def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", data: Any = None,
+          spec: PermutationSpec | Mapping | None = None, max_iter: int = 100,
+          seed: int | None = 0, example_input: torch.Tensor | None = None) -> AlignmentResult:
+    """Permute model B's hidden units to match model A's (Git Re-Basin).
+
+    Parameters
+    ----------
+    model_a, model_b : nn.Module
+        Two networks of the same architecture.
+    method : {"weights", "activations"}
+        ``"weights"``: weight matching, coordinate descent maximising Σ⟨θ_A, π(θ_B)⟩ (no
+        data needed). ``"activations"``: match units by the correlation of their
+        activations on ``data``.
+    data : (inputs, targets), Dataset, DataLoader or tensor of inputs
+        Required for ``method="activations"`` (up to 4096 examples are used).
+    spec : PermutationSpec or dict, optional
+        Which axes each permutation acts on; derived by tracing model A when omitted (see
+        :func:`permutation_spec`).
+    max_iter : int
+        Maximum passes of weight matching.
+    seed : int
+        Seeds the random order in which weight matching visits the permutations.
+
+    Returns
+    -------
+    AlignmentResult
+        ``model`` is a permuted copy of B computing exactly B's function.
+
+    References
+    ----------
+    Ainsworth, Hayase & Srinivasa (2023), "Git Re-Basin: merging models modulo permutation
+    symmetries", ICLR.
+    """
+    if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
+        raise TypeError("align needs two torch.nn.Module models.")
+    state_a, state_b = model_state(model_a), model_state(model_b)
+    check_same_structure(state_a, state_b)
+    if method not in ("weights", "activations"):
+        raise ConfigError(f"method must be 'weights' or 'activations', got {method!r}.")
+    if method == "activations" and data is None:
+        raise DataError("activation matching needs data: pass data=(inputs, targets), a "
+                        "Dataset or a DataLoader, or use method='weights'.")
+    began = time.perf_counter()
+    if example_input is None and data is not None:
+        example_input = _input_batches(data, 2)[0][:2]
+    if example_input is not None:
+        example_input = as_model_input(model_a, example_input)
+        check_inputs(model_a, example_input)
+    if spec is None:
+        spec = permutation_spec(model_a, example_input=example_input)
+    else:
+        spec = coerce_spec(spec, model_a)
+    params_a = {k: v.detach() for k, v in model_a.named_parameters()}
+    params_b = {k: v.detach() for k, v in model_b.named_parameters()}
+    initial = _inner(params_a, params_b)
+    if method == "weights":
+        perms, trace_values, converged = weight_matching(params_a, params_b, spec,
+                                                         max_iter=max_iter, seed=seed)
+        iterations = len(trace_values)
+    else:
+        perms, total = activation_matching(model_a, model_b, data, spec)
+        trace_values, converged, iterations = [total], True, 1
+        initial = None
+    aligned = permute_model(model_b, spec, perms)
+    return AlignmentResult(aligned, perms, iterations, tuple(trace_values), converged, method,
+                           spec, time.perf_counter() - began, initial, spec.notes)

@@ -1,0 +1,760 @@
+"""Permutation specs: which axes of which tensors each hidden-unit permutation acts on.
+
+Hidden units of a network can be permuted without changing its function, provided every
+tensor axis that indexes those units is permuted the same way (Ainsworth et al. 2023, "Git
+Re-Basin", §3). A :class:`PermutationSpec` records this: for every parameter and buffer,
+one entry per axis naming the permutation acting on it (or ``None``).
+
+:func:`permutation_spec` derives the spec automatically. It traces the model with
+``torch.fx`` (``make_fx``: one concrete forward pass recorded as a graph of ATen ops), gives
+every axis of every tensor in the graph a variable, and lets each op constrain the
+variables with a union-find: a matrix product ties the contracted axes together, an
+elementwise op ties its operands' axes to its output's, a normalisation ties its scale,
+shift and running statistics to the channel axis, and the model's inputs and outputs are
+fixed (data and logits are never permuted). Each free equivalence class left over is one
+permutation. Residual additions therefore put a whole residual stream under one
+permutation, exactly as Git Re-Basin's hand-written ResNet specs do.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ridgeline.errors import ConfigError, UnsupportedOperationError
+
+__all__ = ["PermutationSpec", "permutation_spec", "coerce_spec", "apply_permutations",
+           "guess_example_input", "spec_for", "trace", "SPEC_HELP"]
+
+SPEC_HELP = (
+    "Pass the spec by hand with spec={tensor_name: (perm_or_None, ...), ...}: one entry per "
+    "parameter and floating-point buffer of the model, one item per tensor axis naming the "
+    "permutation that acts on that axis (None for an axis that is never permuted), e.g. for "
+    "nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)): {'0.weight': ('P0', None), "
+    "'0.bias': ('P0',), '2.weight': (None, 'P0'), '2.bias': (None,)}. See docs/connectivity.md.")
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    """For every tensor (parameters and buffers, by name), the permutation on each axis.
+
+    Attributes
+    ----------
+    perms : dict[str, int]
+        Permutation name → its size (the number of units it permutes).
+    axes : dict[str, tuple[str | None, ...]]
+        Tensor name → one entry per axis: the permutation acting on it, or ``None``.
+    """
+
+    perms: dict[str, int]
+    axes: dict[str, tuple[str | None, ...]]
+    source: str = "manual"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def perm_to_axes(self, names: Sequence[str] | None = None) -> dict[str, list[tuple[str, int]]]:
+        """Permutation → the (tensor, axis) pairs it acts on (optionally only ``names``)."""
+        keep = None if names is None else set(names)
+        out: dict[str, list[tuple[str, int]]] = {p: [] for p in self.perms}
+        for name, axes in self.axes.items():
+            if keep is not None and name not in keep:
+                continue
+            for axis, perm in enumerate(axes):
+                if perm is not None:
+                    out[perm].append((name, axis))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"perms": dict(self.perms),
+                "axes": {k: list(v) for k, v in self.axes.items()},
+                "source": self.source, "notes": list(self.notes)}
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}:{v}" for k, v in self.perms.items())
+        return f"PermutationSpec({len(self.perms)} permutations [{sizes}], {len(self.axes)} tensors)"
+
+
+# ----------------------------------------------------------------------------- validation
+def _state(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(model_or_state, nn.Module):
+        state = {k: v.detach() for k, v in model_or_state.named_parameters()}
+        state.update({k: v.detach() for k, v in model_or_state.named_buffers()})
+        return state
+    return dict(model_or_state)
+
+
+def coerce_spec(spec: PermutationSpec | Mapping[str, Sequence[str | None]],
+                model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> PermutationSpec:
+    """Check a spec (or a plain ``{name: axes}`` dict) against a model's tensors.
+
+    Every parameter and floating-point buffer must be listed with one entry per axis, and
+    all axes under one permutation must have the same size. Integer buffers (such as
+    BatchNorm's ``num_batches_tracked``) may be left out.
+    """
+    state = _state(model_or_state)
+    raw = spec.axes if isinstance(spec, PermutationSpec) else spec
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"spec must be a PermutationSpec or a dict, got {type(spec).__name__}. "
+                          + SPEC_HELP)
+    unknown = [k for k in raw if k not in state]
+    if unknown:
+        raise ConfigError(f"the spec names tensors the model does not have: {unknown[:6]}. "
+                          f"The model's tensors are {list(state)[:12]}{' …' if len(state) > 12 else ''}.")
+    missing = [k for k, v in state.items() if k not in raw and (v.is_floating_point() or v.dim() > 0)]
+    if missing:
+        raise ConfigError(f"the spec does not cover {len(missing)} tensor(s) of the model: "
+                          f"{missing[:8]}{' …' if len(missing) > 8 else ''}. " + SPEC_HELP)
+    axes: dict[str, tuple[str | None, ...]] = {}
+    sizes: dict[str, int] = {}
+    for name, tensor in state.items():
+        entry = tuple(raw.get(name, (None,) * tensor.dim()))
+        if len(entry) != tensor.dim():
+            raise ConfigError(f"spec entry for '{name}' has {len(entry)} axes but the tensor has "
+                              f"shape {tuple(tensor.shape)} ({tensor.dim()} axes); give one "
+                              "permutation name or None per axis.")
+        for axis, perm in enumerate(entry):
+            if perm is None:
+                continue
+            size = int(tensor.shape[axis])
+            if sizes.setdefault(str(perm), size) != size:
+                raise ConfigError(f"permutation '{perm}' acts on axes of different sizes: "
+                                  f"{sizes[str(perm)]} elsewhere but {size} on axis {axis} of "
+                                  f"'{name}' {tuple(tensor.shape)}.")
+        axes[name] = tuple(None if p is None else str(p) for p in entry)
+    if isinstance(spec, PermutationSpec):
+        return PermutationSpec({p: sizes[p] for p in spec.perms if p in sizes}, axes, spec.source,
+                               spec.notes)
+    return PermutationSpec(sizes, axes, "manual")
+
+
+def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
+                       perms: Mapping[str, torch.Tensor], *, except_axis: tuple[str, int] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """π(θ): index every axis of every tensor by its permutation, ``θ[..., perm, ...]``.
+
+    A permutation ``perm`` (a LongTensor) makes unit ``i`` of the result unit ``perm[i]`` of
+    the input. ``except_axis=(name, axis)`` leaves that one axis of that tensor unpermuted.
+    """
+    out = {}
+    for name, tensor in state.items():
+        for axis, perm in enumerate(spec.axes.get(name, ())):
+            if perm is None or (except_axis is not None and except_axis == (name, axis)):
+                continue
+            tensor = tensor.index_select(axis, perms[perm].to(tensor.device))
+        out[name] = tensor
+    return out
+
+
+# ----------------------------------------------------------------------------- tracing
+class _UnionFind:
+    """Variables for tensor axes; variable 0 is FIXED (the identity permutation)."""
+
+    FIXED = 0
+
+    def __init__(self) -> None:
+        self.parent = [0]
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb == self.FIXED:
+            ra, rb = rb, ra
+        self.parent[rb] = ra  # FIXED, when involved, stays the root
+
+    def fix(self, a: int) -> None:
+        self.union(a, self.FIXED)
+
+
+_UNARY = {
+    "relu", "relu_", "tanh", "sigmoid", "erf", "gelu", "silu", "elu", "leaky_relu", "softplus",
+    "hardtanh", "hardswish", "hardsigmoid", "mish", "celu", "selu", "threshold", "log_sigmoid",
+    "abs", "neg", "exp", "log", "sqrt", "rsqrt", "clone", "detach", "alias", "_to_copy",
+    "clamp", "clamp_min", "clamp_max", "sign", "square", "reciprocal", "lift_fresh_copy",
+    "dropout", "sin", "cos", "contiguous", "expm1", "log1p", "logit", "hardshrink",
+    "softshrink", "_softmax", "_log_softmax", "softmax", "log_softmax", "bernoulli",
+    "silu_", "tanh_", "sigmoid_", "gelu_", "erf_",
+}
+#: elementwise nonlinearities: their outputs are the "activations" that activation matching
+#: correlates (Ainsworth et al. 2023, §3.1)
+ACTIVATIONS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "erf", "erf_", "gelu",
+               "gelu_", "silu", "silu_", "elu", "leaky_relu", "softplus", "hardtanh", "hardswish",
+               "hardsigmoid", "mish", "celu", "selu", "threshold", "log_sigmoid"}
+_BROADCAST = {"add", "sub", "mul", "div", "maximum", "minimum", "where", "rsub", "fmod",
+              "remainder", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
+              "addcmul", "addcdiv", "lerp", "pow", "masked_fill", "expand", "expand_as",
+              "copy", "fill", "zeros_like", "ones_like", "full_like", "empty_like", "add_",
+              "mul_", "sub_", "div_", "copy_", "clamp_min_"}
+_CONSTANTS = {"empty", "zeros", "ones", "full", "scalar_tensor", "empty_strided", "new_zeros",
+              "new_ones", "new_full", "new_empty"}
+_RESHAPE = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "flatten",
+            "_reshape_alias", "unflatten"}
+_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "prod", "var_mean",
+           "std_mean", "max", "min", "norm", "linalg_vector_norm"}
+_IGNORE = {"sym_size", "sym_numel", "sym_stride", "_assert_async", "_assert_scalar",
+           "sym_constrain_range_for_size", "_local_scalar_dense"}
+
+
+def _op_name(target: Any) -> str:
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    return None
+
+
+def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]
+                    ) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of axes of ``src`` and ``dst`` (size-1 axes dropped) with equal products."""
+    a = [i for i, s in enumerate(src) if s != 1]
+    b = [i for i, s in enumerate(dst) if s != 1]
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        ga, gb = [a[i]], [b[j]]
+        pa, pb = src[a[i]], dst[b[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa *= src[a[i]]
+                ga.append(a[i])
+                i += 1
+            elif pb < pa and j < len(b):
+                pb *= dst[b[j]]
+                gb.append(b[j])
+                j += 1
+            else:
+                return None
+        groups.append((ga, gb))
+    if i != len(a) or j != len(b):
+        return None
+    return groups
+
+
+class _Tracer:
+    """Walks a make_fx graph and assigns union-find variables to every tensor axis."""
+
+    def __init__(self, graph_module: Any, names: list[str]) -> None:
+        self.gm = graph_module
+        self.uf = _UnionFind()
+        self.vars: dict[Any, Any] = {}
+        self.names = names
+        self.notes: list[str] = []
+
+    # -- helpers
+    def fresh(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.uf.new() for _ in shape)
+
+    def fixed(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.uf.FIXED for _ in shape)
+
+    def of(self, arg: Any) -> tuple[int, ...] | None:
+        if isinstance(arg, torch.fx.Node):
+            value = self.vars.get(arg)
+            return value if isinstance(value, tuple) else None
+        return None
+
+    def fix_all(self, value: Any) -> None:
+        if isinstance(value, torch.fx.Node):
+            value = self.vars.get(value)
+        if isinstance(value, tuple):
+            for v in value:
+                self.uf.fix(v)
+        elif isinstance(value, list):
+            for item in value:
+                self.fix_all(item)
+
+    def tensor_args(self, node: Any) -> list[Any]:
+        flat = []
+
+        def visit(a: Any) -> None:
+            if isinstance(a, torch.fx.Node):
+                flat.append(a)
+            elif isinstance(a, (list, tuple)):
+                for x in a:
+                    visit(x)
+            elif isinstance(a, dict):
+                for x in a.values():
+                    visit(x)
+
+        visit(node.args)
+        visit(node.kwargs)
+        return [a for a in flat if self.of(a) is not None]
+
+    def unify(self, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+        for x, y in zip(a, b):
+            self.uf.union(x, y)
+
+    # -- the walk
+    def run(self) -> None:
+        placeholders = 0
+        for node in self.gm.graph.nodes:
+            shape = _shape(node)
+            if node.op == "placeholder":
+                if placeholders < len(self.names):
+                    self.vars[node] = self.fresh(shape or ())
+                else:  # the model's input: data is never permuted
+                    self.vars[node] = self.fixed(shape or ())
+                placeholders += 1
+            elif node.op == "output":
+                for arg in self.tensor_args(node):
+                    self.fix_all(arg)
+            elif node.op == "call_function":
+                self.vars[node] = self.call(node, shape)
+            elif node.op == "get_attr":
+                value = getattr(self.gm, node.target)
+                self.vars[node] = (self.fixed(tuple(value.shape)) if isinstance(value, torch.Tensor)
+                                   else None)
+            else:
+                raise UnsupportedOperationError(
+                    f"cannot analyse graph node {node.format_node()} ({node.op}). " + SPEC_HELP)
+
+    def call(self, node: Any, shape: tuple[int, ...] | None) -> Any:
+        target = node.target
+        if target is operator.getitem:
+            source, index = node.args
+            value = self.vars.get(source)
+            if isinstance(value, list):
+                return value[index]
+            if isinstance(value, tuple):  # indexing a tensor: conservative
+                self.fix_all(value)
+                return self.fixed(shape) if shape is not None else None
+            return None
+        name = _op_name(target)
+        args = node.args
+        if name in _IGNORE:
+            return None
+        if shape is None and not isinstance(node.meta.get("val"), (tuple, list)):
+            return None  # a non-tensor result (sizes, scalars)
+        x = self.of(args[0]) if args else None
+        if name in _CONSTANTS:
+            return self.fresh(shape)  # uniform constants: permuting them changes nothing
+        if name in ("arange", "randn", "rand", "randint", "linspace", "eye", "tensor"):
+            return self.fixed(shape)
+        if name in _UNARY and name not in _BROADCAST and x is not None and len(x) == len(shape):
+            return x
+        if name in _BROADCAST or name in _UNARY:
+            return self.broadcast(node, shape)
+        if name in ("t", "transpose", "permute", "numpy_T", "swapaxes"):
+            return self.reorder(name, node, x)
+        if name in _RESHAPE:
+            return self.reshape(x, _shape(args[0]), shape)
+        if name in ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear"):
+            return self.matmul(name, node, shape)
+        if name == "convolution":
+            return self.convolution(node, shape)
+        if name in ("native_batch_norm", "_native_batch_norm_legit_no_training",
+                    "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                    "batch_norm", "instance_norm"):
+            return self.channel_norm(node, x, shape, channel=1)
+        if name == "native_layer_norm":
+            return self.layer_norm(node, x)
+        if name == "native_group_norm":
+            return self.group_norm(node, x)
+        if name in _REDUCE:
+            return self.reduce(node, x, shape)
+        if "pool" in name:
+            return self.pool(name, node, x, shape)
+        if name in ("cat", "concat", "stack"):
+            return self.concat(name, node, shape)
+        if name == "embedding":
+            weight, indices = self.of(args[0]), self.of(args[1])
+            if indices is not None:
+                self.fix_all(indices)
+            if weight is not None:
+                self.uf.fix(weight[0])  # token ids are data
+                return self.fixed(shape[:-1]) + (weight[1],)
+        if name in ("slice", "select", "narrow"):
+            return self.slicing(name, node, x, shape)
+        if name == "prelu":
+            weight = self.of(args[1])
+            if weight is not None and len(weight) == 1 and _shape(args[1])[0] > 1 and x is not None:
+                self.uf.union(weight[0], x[1])
+            return x
+        raise UnsupportedOperationError(
+            f"permutation_spec cannot analyse the operation aten.{name} (graph node "
+            f"'{node.name}'); it does not know how hidden units flow through it. " + SPEC_HELP)
+
+    def broadcast(self, node: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Elementwise ops with broadcasting: equal-size aligned axes are tied together."""
+        out = list(self.fresh(shape))
+        for arg in self.tensor_args(node):
+            value, arg_shape = self.of(arg), _shape(arg)
+            if arg_shape is None or value is None:
+                continue
+            offset = len(shape) - len(arg_shape)
+            if offset < 0:  # e.g. expand with fewer dims than the input: be conservative
+                self.fix_all(value)
+                continue
+            for axis, size in enumerate(arg_shape):
+                if size == shape[offset + axis]:
+                    self.uf.union(value[axis], out[offset + axis])
+        return tuple(out)
+
+    def reorder(self, name: str, node: Any, x: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if x is None:
+            return None
+        if name in ("t", "numpy_T"):
+            return tuple(reversed(x))
+        if name == "permute":
+            return tuple(x[d % len(x)] for d in node.args[1])
+        d0, d1 = (int(d) % len(x) for d in node.args[1:3])
+        out = list(x)
+        out[d0], out[d1] = x[d1], x[d0]
+        return tuple(out)
+
+    def reshape(self, x: tuple[int, ...] | None, src: tuple[int, ...] | None,
+                dst: tuple[int, ...]) -> tuple[int, ...]:
+        out = list(self.fresh(dst))
+        if x is None or src is None:
+            return tuple(out)
+        groups = _reshape_groups(src, dst)
+        if groups is None:
+            self.fix_all(x)
+            return self.fixed(dst)
+        for ga, gb in groups:
+            if len(ga) == 1 and len(gb) == 1:
+                out[gb[0]] = x[ga[0]]
+            else:
+                # axes merged or split: a permutation of one factor is not a permutation of
+                # the merged axis, so units on either side are left unpermuted
+                for a in ga:
+                    self.uf.fix(x[a])
+                for b in gb:
+                    self.uf.fix(out[b])
+        return tuple(out)
+
+    def matmul(self, name: str, node: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+        args = node.args
+        if name == "linear":
+            x, w = self.of(args[0]), self.of(args[1])
+            bias = self.of(args[2]) if len(args) > 2 else None
+            out = (x[:-1] if x else self.fixed(shape[:-1])) + (w[0],)
+            if x is not None:
+                self.uf.union(x[-1], w[1])
+            if bias is not None:
+                self.uf.union(bias[0], w[0])
+            return out
+        if name in ("addmm", "baddbmm"):
+            bias, a, b = (self.of(args[i]) for i in range(3))
+            bias_shape = _shape(args[0])
+        else:
+            bias, bias_shape = None, None
+            a, b = self.of(args[0]), self.of(args[1])
+        if a is None or b is None:
+            raise UnsupportedOperationError(f"cannot analyse aten.{name} on non-tensor operands "
+                                            f"(node '{node.name}'). " + SPEC_HELP)
+        self.uf.union(a[-1], b[-2])
+        for u, v in zip(a[:-2], b[:-2]):  # batch axes of bmm
+            self.uf.union(u, v)
+        out = tuple(a[:-1]) + (b[-1],)
+        if bias is not None and bias_shape is not None:
+            offset = len(shape) - len(bias_shape)
+            for axis, size in enumerate(bias_shape):
+                if size == shape[offset + axis]:
+                    self.uf.union(bias[axis], out[offset + axis])
+        return out
+
+    def convolution(self, node: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+        args = node.args
+        x, w = self.of(args[0]), self.of(args[1])
+        bias = self.of(args[2]) if len(args) > 2 else None
+        transposed = bool(args[6]) if len(args) > 6 else False
+        groups = int(args[8]) if len(args) > 8 else 1
+        for k in (*w[2:], *x[2:]):
+            self.uf.fix(k)  # kernel and input positions are never permuted
+        out_axis, in_axis = (w[1], w[0]) if transposed else (w[0], w[1])
+        if groups == 1:
+            self.uf.union(x[1], in_axis)
+        else:
+            channels_in = _shape(node.args[0])[1]
+            if groups == channels_in and shape[1] == channels_in:  # depthwise
+                self.uf.fix(in_axis)
+                self.uf.union(x[1], out_axis)
+            else:  # grouped: units may only move within a group; left unpermuted
+                for v in (x[1], w[0], w[1]):
+                    self.uf.fix(v)
+        if bias is not None:
+            self.uf.union(bias[0], out_axis)
+        spatial = self.fixed(shape[2:])
+        return (x[0], out_axis) + spatial
+
+    def channel_norm(self, node: Any, x: tuple[int, ...] | None, shape: Any,
+                     channel: int) -> Any:
+        if x is None:
+            raise UnsupportedOperationError(f"cannot analyse node '{node.name}'. " + SPEC_HELP)
+        for arg in node.args[1:5]:
+            value = self.of(arg)
+            if value is not None and len(value) == 1 and _shape(arg)[0] == _shape(node.args[0])[channel]:
+                self.uf.union(value[0], x[channel])
+        return self._norm_outputs(node, x)
+
+    def _norm_outputs(self, node: Any, x: tuple[int, ...]) -> Any:
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            outs = [x]
+            for extra in val[1:]:
+                extra_shape = tuple(extra.shape) if isinstance(extra, torch.Tensor) else ()
+                outs.append(self.fresh(extra_shape))
+            return outs
+        return x
+
+    def layer_norm(self, node: Any, x: tuple[int, ...]) -> Any:
+        normalized = list(node.args[1])
+        for arg in node.args[2:4]:
+            value = self.of(arg)
+            if value is not None:
+                offset = len(x) - len(normalized)
+                for axis, v in enumerate(value):
+                    self.uf.union(v, x[offset + axis])
+        return self._norm_outputs(node, x)
+
+    def group_norm(self, node: Any, x: tuple[int, ...]) -> Any:
+        channels, groups = int(node.args[4]), int(node.args[6])
+        if groups in (1, channels):
+            for arg in node.args[1:3]:
+                value = self.of(arg)
+                if value is not None:
+                    self.uf.union(value[0], x[1])
+        else:
+            self.uf.fix(x[1])
+            for arg in node.args[1:3]:
+                self.fix_all(arg)
+            self.notes.append(f"GroupNorm with {groups} groups of {channels} channels at "
+                              f"'{node.name}': its channels are left unpermuted")
+        return self._norm_outputs(node, x)
+
+    def reduce(self, node: Any, x: tuple[int, ...] | None, shape: Any) -> Any:
+        src = _shape(node.args[0])
+        if x is None or src is None:
+            return None
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            dims = list(range(len(src)))
+        if isinstance(dims, int):
+            dims = [dims]
+        if not isinstance(dims, (list, tuple)):
+            dims = list(range(len(src)))
+        dims = {int(d) % len(src) for d in dims}
+        kept = [x[a] for a in range(len(src)) if a not in dims]
+        val = node.meta.get("val")
+        out_shapes = ([tuple(v.shape) for v in val] if isinstance(val, (tuple, list))
+                      else [tuple(val.shape)])
+        outs = []
+        for out_shape in out_shapes:
+            if len(out_shape) == len(kept):
+                outs.append(tuple(kept))
+            elif len(out_shape) == len(src):  # keepdim
+                outs.append(tuple(self.uf.new() if a in dims else x[a] for a in range(len(src))))
+            else:
+                outs.append(self.fresh(out_shape))
+        return outs if isinstance(val, (tuple, list)) else outs[0]
+
+    def pool(self, name: str, node: Any, x: tuple[int, ...] | None, shape: Any) -> Any:
+        if x is None:
+            return None
+        spatial = 3 if "3d" in name else 2 if "2d" in name else 1
+        lead = x[:-spatial]
+        for v in x[-spatial:]:
+            self.uf.fix(v)  # a pooling window mixes positions
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            return [lead + self.fixed(tuple(v.shape)[len(lead):]) for v in val]
+        return lead + self.fixed(shape[len(lead):])
+
+    def concat(self, name: str, node: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+        tensors = [t for t in node.args[0] if self.of(t) is not None]
+        dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
+        out = list(self.fresh(shape))
+        for t in tensors:
+            value = self.of(t)
+            if name == "stack":
+                d = dim % (len(value) + 1)
+                for axis, v in enumerate(value):
+                    self.uf.union(v, out[axis if axis < d else axis + 1])
+            else:
+                d = dim % len(value)
+                for axis, v in enumerate(value):
+                    if axis == d:
+                        self.uf.fix(v)
+                    else:
+                        self.uf.union(v, out[axis])
+        if name != "stack":
+            self.uf.fix(out[dim % len(shape)])
+        return tuple(out)
+
+    def slicing(self, name: str, node: Any, x: tuple[int, ...] | None, shape: Any) -> Any:
+        if x is None:
+            return None
+        dim = int(node.args[1]) % len(x) if len(node.args) > 1 else 0
+        self.uf.fix(x[dim])
+        if name == "select":
+            return tuple(v for a, v in enumerate(x) if a != dim)
+        out = list(x)
+        out[dim] = self.uf.FIXED
+        return tuple(out)
+
+
+def guess_example_input(model: nn.Module, *, batch: int = 2) -> torch.Tensor:
+    """A small input the model accepts, guessed from its first layer (or its recorded
+    architecture); raises if it cannot be guessed."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                 torch.get_default_dtype())
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    arch = getattr(model, "ridgeline_architecture", None)
+    if isinstance(arch, dict):
+        kwargs = arch.get("kwargs", {})
+        if arch.get("factory") == "mlp":
+            return torch.randn(batch, int(kwargs["in_features"]), dtype=dtype, device=device)
+        if arch.get("factory") in ("cnn1d", "resnet"):
+            dims, channels = int(kwargs.get("dims", 1)), int(kwargs.get("in_channels", 1))
+            size = (32,) if dims == 1 else (16, 16)
+            return torch.randn(batch, channels, *size, dtype=dtype, device=device)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return torch.randint(0, module.num_embeddings, (batch, 8), device=device)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            spatial = {nn.Conv1d: (32,), nn.Conv2d: (32, 32), nn.Conv3d: (8, 8, 8)}[type(module)]
+            return torch.randn(batch, module.in_channels, *spatial, dtype=dtype, device=device)
+        if hasattr(module, "in_features") and isinstance(module.in_features, int):
+            return torch.randn(batch, module.in_features, dtype=dtype, device=device)
+    raise UnsupportedOperationError(
+        f"cannot guess an input for {type(model).__name__}: pass example_input= (one small batch "
+        "the model accepts) or pass spec= by hand. " + SPEC_HELP)
+
+
+def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[str]]:
+    """Record one forward pass as an ATen graph and propagate the axis variables."""
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ridgeline.objective import module_mode
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    names = [*params, *buffers]
+
+    def forward(p, b, x):
+        return functional_call(model, (p, b), (x,))
+
+    try:
+        with module_mode(model, False), torch.no_grad():
+            graph_module = make_fx(forward)(params, buffers, inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UnsupportedOperationError(
+            f"tracing {type(model).__name__} on an input of shape {tuple(inputs.shape)} failed: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Pass example_input= "
+            "(a batch the model accepts) or spec= by hand. " + SPEC_HELP) from exc
+    tracer = _Tracer(graph_module, names)
+    tracer.run()
+    return graph_module, tracer, names
+
+
+def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[str],
+                 placeholders: list[Any]) -> tuple[dict[int, str], dict[str, tuple[int, ...]]]:
+    """Root variable → a readable permutation name (after the first tensor it permutes)."""
+    uf = tracer.uf
+    roots: dict[str, tuple[int, ...]] = {}
+    members: dict[int, list[tuple[str, int]]] = {}
+    for name, node in zip(names, placeholders):
+        axes = tuple(uf.find(v) for v in tracer.vars[node])
+        roots[name] = axes
+        for axis, root in enumerate(axes):
+            if root != uf.FIXED:
+                members.setdefault(root, []).append((name, axis))
+    labels: dict[int, str] = {}
+    used: set[str] = set()
+    for root, items in members.items():
+        sizes = {int(state[n].shape[a]) for n, a in items}
+        if len(items) < 2 or sizes == {1}:
+            continue  # touches one tensor axis only (or size 1): permuting it is pointless
+        first = next(((n, a) for n, a in items if a == 0 and state[n].dim() >= 2), items[0])
+        base = "P_" + first[0].rsplit(".", 1)[0] + ("" if first[1] == 0 else f".axis{first[1]}")
+        label, k = base, 2
+        while label in used:
+            label, k = f"{base}#{k}", k + 1
+        used.add(label)
+        labels[root] = label
+    return labels, roots
+
+
+def permutation_spec(model: nn.Module, *, example_input: torch.Tensor | None = None
+                     ) -> PermutationSpec:
+    """Derive the permutation spec of a model automatically (torch.fx tracing).
+
+    Works for MLPs (any activation, BatchNorm or LayerNorm, NTK-parameterised layers), CNNs
+    (1-D/2-D, pooling, flatten), ResNets with BatchNorm or LayerNorm (each residual stream
+    shares one permutation) and similar ``nn.Sequential``/custom models whose operations
+    are listed in docs/connectivity.md. Norm-layer scales, shifts and running statistics
+    follow their channels. Where units are merged with another axis (a flatten of
+    channels × positions, a concatenation, a grouped convolution) the units involved are
+    left unpermuted, which keeps the function exact.
+
+    Parameters
+    ----------
+    model : nn.Module
+    example_input : Tensor, optional
+        One small batch the model accepts; guessed from the first layer when omitted.
+
+    Returns
+    -------
+    PermutationSpec
+
+    Raises
+    ------
+    UnsupportedOperationError
+        For a model with an operation whose effect on hidden units is unknown; the
+        message says how to pass ``spec=`` by hand.
+
+    References
+    ----------
+    Ainsworth, Hayase & Srinivasa (2023), "Git Re-Basin: merging models modulo permutation
+    symmetries", ICLR (permutation specs, §3 and appendix).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    inputs = example_input if example_input is not None else guess_example_input(model)
+    graph_module, tracer, names = trace(model, inputs)
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"][:len(names)]
+    state = _state(model)
+    labels, roots = _group_names(tracer, state, names, placeholders)
+    axes = {name: tuple(labels.get(r) for r in roots[name]) for name in names}
+    perms: dict[str, int] = {}
+    for name, entry in axes.items():
+        for axis, perm in enumerate(entry):
+            if perm is not None:
+                perms.setdefault(perm, int(state[name].shape[axis]))
+    if not perms:
+        tracer.notes.append("no hidden units can be permuted in this model")
+    return PermutationSpec(perms, axes, "traced", tuple(tracer.notes))
+
+
+def spec_for(model: nn.Module, spec: PermutationSpec | Mapping | None,
+             inputs: torch.Tensor | None = None) -> PermutationSpec:
+    """The given spec checked against the model, or the traced one."""
+    if spec is None:
+        return permutation_spec(model, example_input=inputs)
+    return coerce_spec(spec, model)
+
+
