@@ -63,8 +63,11 @@ class SAMStep(StepRule):
 
     def describe(self) -> dict:
         group = self.sam.param_groups[0]
+        copy_bytes = sum(p.numel() * p.element_size() for g in self.sam.param_groups
+                         for p in g["params"])
         return {"rule": "SAMStep", "optimizer": type(self.optimizer).__name__,
-                "adaptive": group["adaptive"], "rho": group["rho"], "eta": group["eta"]}
+                "adaptive": group["adaptive"], "rho": group["rho"], "eta": group["eta"],
+                "memory_bytes": copy_bytes}  # the copy of θ held between the two passes
 
 
 class _PenaltyStep(StepRule):
