@@ -50,7 +50,7 @@ class ForwardGradientSGD(StepRule):
     model : nn.Module
     lr, momentum, weight_decay : hyper-parameters of the base optimizer
     base : {"sgd", "adam", "adamw"}
-    guess : {"random", "rademacher", "local", "previous"} or Guess
+    guess : {"random", "rademacher", "local", "previous"}, Guess or callable
     num_guesses : int
         K directional derivatives per step (per block for local guesses).
     combine : {"mean", "span"}
@@ -74,7 +74,7 @@ class ForwardGradientSGD(StepRule):
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 0.05, momentum: float = 0.9,
-                 weight_decay: float = 0.0, base: str = "sgd", guess: str | Guess = "random",
+                 weight_decay: float = 0.0, base: str = "sgd", guess: Any = "random",
                  num_guesses: int = 1, combine: str = "mean", loss: str | LossFn = "cross_entropy",
                  seed: int = 0, blocks: int | Sequence[int] | None = None, head: str = "linear",
                  head_lr: float = 1e-3, chunk_size: int | None = None) -> None:
@@ -91,11 +91,9 @@ class ForwardGradientSGD(StepRule):
             guess = LocalGuess(model, blocks=blocks, head=head, loss=self.loss_fn, lr=head_lr,
                                train_heads=True, seed=seed)
         elif isinstance(guess, str) and guess not in ("random", "rademacher", "previous"):
-            raise ConfigError(f"guess must be 'random', 'rademacher', 'local', 'previous' or a "
-                              f"Guess for training, got {guess!r}.")
-        self.guess: Guess = resolve_guess(guess, None) if isinstance(guess, str) else guess
-        if not isinstance(self.guess, Guess):
-            raise ConfigError(f"guess must be a name or a ridgeline Guess, got {type(guess).__name__}.")
+            raise ConfigError(f"guess must be 'random', 'rademacher', 'local', 'previous', a Guess "
+                              f"or a callable for training, got {guess!r}.")
+        self.guess: Guess = guess if isinstance(guess, Guess) else resolve_guess(guess, None)
         device = next(model.parameters()).device
         self.generator = make_generator(seed, device)
         self.jvps = 0
