@@ -16,7 +16,7 @@ import torch
 
 from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
 
-__all__ = ["PointClouds", "as_points", "check_p", "check_control_variate", "prepare_pair",
+__all__ = ["PointClouds", "as_points", "check_p", "check_number", "check_control_variate", "prepare_pair",
            "compute_dtype"]
 
 CONTROL_VARIATES = (None, "lower", "upper")
@@ -92,16 +92,20 @@ def as_points(value: Any, name: str) -> torch.Tensor:
     return value
 
 
+def check_number(value: Any, name: str, *, minimum: float, why: str = "") -> float:
+    """A finite real option ≥ ``minimum``, or a ConfigError saying so."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < minimum:
+        raise ConfigError(f"{name} must be a finite number ≥ {minimum:g}{why}; got {value!r}.")
+    return number
+
+
 def check_p(p: float) -> float:
     """The order p of the Wasserstein distance: a finite number ≥ 1."""
-    try:
-        value = float(p)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"p must be a number ≥ 1; got {p!r}.") from exc
-    if not math.isfinite(value) or value < 1:
-        raise ConfigError(f"p must be a finite number ≥ 1 (W_p is not a distance for p < 1); "
-                          f"got p={p}.")
-    return value
+    return check_number(p, "p", minimum=1, why=" (W_p is not a distance for p < 1)")
 
 
 def check_control_variate(control_variate: str | None, p: float) -> str | None:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ridgeline.errors import ConfigError, ShapeMismatchError
+from ridgeline.transport.inputs import check_number
 from ridgeline.transport.projections import check_count, generator_for
 
 __all__ = ["vmf_directions", "vmf_base", "householder_to", "check_kappa"]
@@ -86,13 +87,7 @@ def householder_to(base: torch.Tensor, mean_direction: torch.Tensor) -> torch.Te
 
 def check_kappa(kappa: float) -> float:
     """The vMF concentration: a finite number ≥ 0."""
-    try:
-        value = float(kappa)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"kappa must be a finite number ≥ 0; got {kappa!r}.") from exc
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"kappa must be a finite number ≥ 0; got {kappa}.")
-    return value
+    return check_number(kappa, "kappa", minimum=0)
 
 
 def vmf_directions(mean_direction: torch.Tensor, kappa: float, L: int,
