@@ -90,7 +90,7 @@ class EMATeacherLoss:
             return outputs.new_zeros(())
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
-        return (self.weight * distillation_kl(teacher_logits, outputs, self.temperature)).to(outputs.dtype)
+        return distillation_kl(teacher_logits, outputs, self.temperature, weight=self.weight)
 
     def describe(self) -> dict:
         return {"decay": self.decay, "temperature": self.temperature, "weight": self.weight,

@@ -14,18 +14,49 @@ __all__ = ["TrajectoryLoss", "distillation_kl"]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def distillation_kl(teacher_logits: torch.Tensor, outputs: torch.Tensor, temperature: float,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    r"""τ² · (1/B) Σ_i m_i KL( softmax(t_i/τ) ‖ softmax(f_i/τ) ), gradient only through f.
+class _SoftKL(torch.autograd.Function):
+    """s · Σ_i m_i KL(softmax(t_i/τ) ‖ softmax(f_i/τ)) with its gradient in closed form,
+    ∂/∂f_i = s m_i (softmax(f_i/τ) − softmax(t_i/τ)) / τ: one autograd node, few kernels.
 
-    ``mask`` (B,) weights the examples (0 drops one); the mean is over all B examples.
+    This term is the whole overhead of SAF, so its kernel count matters: student and
+    teacher logits are stacked as (2, O, B) so that one scaling and one log-softmax serve
+    both, and the softmax runs along the class axis of that layout (torch's CPU kernel over
+    a short last axis is ≈4× slower for O ≈ 10).
     """
-    log_q = F.log_softmax(outputs.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_example = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+    @staticmethod
+    def forward(ctx, outputs, teacher_logits, mask, scale, temperature):
+        both = torch.stack((outputs.detach().float().t(), teacher_logits.float().t()))
+        logs = F.log_softmax(both.mul_(1.0 / temperature), dim=1)
+        log_q, log_p = logs[0], logs[1]
+        p = log_p.exp()
+        gap = log_p - log_q
+        if mask is not None:
+            gap.mul_(mask)
+        ctx.save_for_backward(log_q, p, mask)
+        ctx.factor, ctx.dtype = scale / temperature, outputs.dtype
+        return torch.vdot(p.view(-1), gap.view(-1)) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_q, p, mask = ctx.saved_tensors
+        out = log_q.exp().sub_(p).mul_(grad * ctx.factor)
+        if mask is not None:
+            out.mul_(mask)
+        return out.t().to(ctx.dtype), None, None, None, None
+
+
+def distillation_kl(teacher_logits: torch.Tensor, outputs: torch.Tensor, temperature: float,
+                    mask: torch.Tensor | None = None, *, weight: float = 1.0) -> torch.Tensor:
+    r"""λ τ² · (1/B) Σ_i m_i KL( softmax(t_i/τ) ‖ softmax(f_i/τ) ), gradient only through f.
+
+    ``mask`` (B,) weights the examples (0 drops one); the mean is over all B examples. The
+    gradient is the closed form λ τ m_i (softmax(f_i/τ) − softmax(t_i/τ)) / B.
+    """
     if mask is not None:
-        per_example = per_example * mask
-    return (temperature ** 2) * per_example.mean()
+        mask = mask.to(outputs.device, torch.float32)
+    scale = weight * temperature ** 2 / outputs.shape[0]
+    return _SoftKL.apply(outputs, teacher_logits.detach(), mask, scale, float(temperature))
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -108,6 +139,7 @@ class TrajectoryLoss:
         self._logits: torch.Tensor | None = None
         self._written: torch.Tensor | None = None
         self._slot_epoch = [None] * self.slots
+        self._complete: dict[int, bool] = {}  # epoch -> every example was written in it
         self._epoch: int | None = None
         self._seen = 0
         self._epoch_sizes: list[int] = []
@@ -132,6 +164,9 @@ class TrajectoryLoss:
                               "needs non-decreasing epochs (make a new one to restart training).")
         if self._epoch is None or epoch > self._epoch:
             if self._epoch is not None:
+                done = bool(self._written[self._epoch % self.slots].all())
+                self._complete = {e: c for e, c in self._complete.items() if e > epoch - self.slots}
+                self._complete[self._epoch] = done
                 self._epoch_sizes.append(self._seen)
                 if len(self._epoch_sizes) >= 2 and self._epoch_sizes[-1] != self._epoch_sizes[-2]:
                     raise DataError(
@@ -160,7 +195,8 @@ class TrajectoryLoss:
                 f"({indices.shape[0]}, {self.num_outputs}) for a batch of {indices.shape[0]} "
                 "indices; pass the logits (batch, num_outputs).")
         if indices.numel():
-            low, high = int(indices.min()), int(indices.max())
+            low, high = torch.aminmax(indices)
+            low, high = int(low), int(high)
             if low < 0 or high >= self.num_examples:
                 raise DataError(f"example index {high if high >= self.num_examples else low} is "
                                 f"outside [0, {self.num_examples}): TrajectoryLoss was sized for "
@@ -191,21 +227,22 @@ class TrajectoryLoss:
         self._advance(int(epoch))
         idx = indices.to(self._logits.device)
         self._seen += int(idx.numel())
-        term = outputs.new_zeros(())
+        term = None
         past = epoch - self.lag
         read = past % self.slots
         if epoch >= self.start_epoch and self.weight > 0 and self._slot_epoch[read] == past:
-            mask = self._written[read].index_select(0, idx)
             teacher = self._logits[read].index_select(0, idx).to(outputs.device)
-            if bool(mask.all()):
-                term = self.weight * distillation_kl(teacher, outputs, self.temperature)
-            elif bool(mask.any()):
-                term = self.weight * distillation_kl(teacher, outputs, self.temperature,
-                                                     mask.to(outputs.device, outputs.dtype))
+            if self._complete.get(past, False):  # the whole epoch was seen: no mask needed
+                term = distillation_kl(teacher, outputs, self.temperature, weight=self.weight)
+            else:
+                mask = self._written[read].index_select(0, idx)
+                if bool(mask.any()):
+                    term = distillation_kl(teacher, outputs, self.temperature, mask,
+                                           weight=self.weight)
         slot = epoch % self.slots
         self._logits[slot].index_copy_(0, idx, outputs.detach().to(self._logits.device, self.dtype))
         self._written[slot].index_fill_(0, idx, True)
-        return term.to(outputs.dtype)
+        return outputs.new_zeros(()) if term is None else term
 
     def describe(self) -> dict:
         return {"lag": self.lag, "temperature": self.temperature, "weight": self.weight,

@@ -126,12 +126,15 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
                     weight_decay: float = 0.0, batch_size: int = 128, seed: int = 0,
                     loss: str = "cross_entropy", method_options: dict | None = None,
                     subset: int = 1000, sharpness_rho: float = 0.1, tol: float = 1e-2,
-                    scheduler: str | None = None, progress: bool = False) -> dict:
+                    scheduler: str | None = None, progress: bool = False,
+                    on_model: Callable[[str, nn.Module], dict] | None = None) -> dict:
     """Train ``build()`` with every method under one budget and measure the results.
 
     Time per step is measured over the epochs in which every method's penalty is active
     (from the latest SAF/MESA ``start_epoch``), so SAF's and MESA's extra work is counted.
-    Returns a JSON-safe dict: ``methods`` (one entry per method) and notes.
+    ``on_model(method, trained_model)`` may return extra JSON-safe fields for the method's
+    row (benchmarks use it for cross-checks). Returns a JSON-safe dict: ``methods`` (one
+    entry per method) and notes.
     """
     from ridgeline.train import train
 
@@ -168,6 +171,7 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
             "method": result.method,
             "history": [{k: h.get(k) for k in ("epoch", "train_loss", "train_accuracy",
                                                "eval_loss", "eval_accuracy")} for h in history],
+            **(on_model(method, model) if on_model is not None else {}),
         }
     reference = rows.get("sgd", {}).get("time_per_step")
     for row in rows.values():
