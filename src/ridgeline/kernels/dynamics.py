@@ -83,7 +83,8 @@ def predict_gd(k_train: torch.Tensor, y_train: torch.Tensor, *, lr: float, t,
     of gradient steps (t steps of gradient descent with a small learning rate η). With
     Θ = V diag(λ) Vᵀ, e^{−ηΘt/N} = V diag(e^{−ηλt/N}) Vᵀ and Θ⁻¹(I − e^{−ηΘt/N}) uses
     (1 − e^{−ηλt/N})/λ, which tends to ηt/N for λ → 0, so a singular Θ is fine and
-    t = inf gives kernel regression (interpolation on the range of Θ).
+    t = inf gives kernel regression (interpolation on the range of Θ). Eigenvalues below
+    √(N·O)·eps·λ_max (eps of the kernel's dtype) are rounding noise and are treated as 0.
 
     Parameters
     ----------
@@ -131,9 +132,9 @@ def predict_gd(k_train: torch.Tensor, y_train: torch.Tensor, *, lr: float, t,
     f0 = _initial(f0_train, (n, o), "f0_train", device)
     k64 = kmat.to(torch.float64)
     values, vectors = torch.linalg.eigh((k64 + k64.T) / 2)
-    # eigenvalues at rounding level of the kernel's dtype are treated as exact zeros
+    # eigenvalues below the rounding level of the kernel's dtype, √N·eps·λ_max, are zeros
     eps = torch.finfo(kmat.dtype if kmat.is_floating_point() else torch.float32).eps
-    active = values > values.abs().max() * kmat.shape[0] * eps
+    active = values > values.abs().max() * math.sqrt(kmat.shape[0]) * eps
     values = torch.where(active, values, torch.zeros_like(values))
 
     def columns(m: torch.Tensor) -> torch.Tensor:  # (N, O) -> matrix matching kmat
