@@ -24,10 +24,11 @@ from ridgeline.params import check_same_structure
 from .permutation_spec import (
     ACTIVATIONS,
     PermutationSpec,
+    Traced,
     apply_permutations,
     coerce_spec,
     permutation_spec,
-    trace,
+    traced,
 )
 
 __all__ = ["align", "AlignmentResult", "weight_matching", "activation_matching",
@@ -294,7 +295,8 @@ class _Moments:
 
 
 def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec,
-                        *, max_examples: int = 4096) -> tuple[dict[str, torch.Tensor], float]:
+                        *, max_examples: int = 4096, first: Traced | None = None
+                        ) -> tuple[dict[str, torch.Tensor], float]:
     """Git Re-Basin activation matching: for each permutation, the assignment maximising
     the summed Pearson correlation ρ_ij = cov(z_A,i, z_B,j)/(σ_A,i σ_B,j) of the two
     networks' unit activations over the data (all positions of every value the
@@ -308,31 +310,33 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec:
     """
     from ridgeline.objective import module_mode
 
-    from .permutation_spec import _group_names
-
     state_a, state_b = model_state(model_a), model_state(model_b)
     moments: dict[str, _Moments] = {}
+    cache: dict[tuple[int, ...], Traced] = {}
+    if first is not None:
+        cache[first.input_shape] = first
     for inputs in _input_batches(data, max_examples):
         inputs = as_model_input(model_a, inputs)
-        check_inputs(model_a, inputs)
-        graph_module, tracer, names = trace(model_a, inputs)
-        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"][:len(names)]
-        labels, roots = _group_names(tracer, state_a, names, placeholders)
+        key = tuple(inputs.shape)
+        if key not in cache:
+            check_inputs(model_a, inputs)
+            cache[key] = traced(model_a, inputs)
+        tr = cache[key]
         # the traced permutations under the names of the spec in use (it may be manual)
         renamed: dict[str, str] = {}
-        for name, axes in roots.items():
+        for name, axes in tr.roots.items():
             for axis, root in enumerate(axes):
-                if root in labels and spec.axes.get(name, ())[axis:axis + 1] not in ((), (None,)):
-                    renamed.setdefault(labels[root], spec.axes[name][axis])
+                if root in tr.labels and spec.axes.get(name, ())[axis:axis + 1] not in ((), (None,)):
+                    renamed.setdefault(tr.labels[root], spec.axes[name][axis])
         sites = {renamed[label]: items
-                 for label, items in _site_nodes(graph_module, tracer, labels).items()
+                 for label, items in _site_nodes(tr.graph_module, tr.tracer, tr.labels).items()
                  if label in renamed}
         wanted = {node for items in sites.values() for node, _ in items}
         values: dict[str, dict[Any, torch.Tensor]] = {}
         for tag, state in (("a", state_a), ("b", state_b)):
-            recorder = _Recorder(graph_module, wanted)
+            recorder = _Recorder(tr.graph_module, wanted)
             with torch.no_grad(), module_mode(model_a, False):
-                recorder.run(*[state[k] for k in names], inputs)
+                recorder.run(*[state[k] for k in tr.names], inputs)
             values[tag] = recorder.recorded
         for perm, items in sites.items():
             if perm not in spec.perms:
@@ -404,7 +408,13 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
     if example_input is not None:
         example_input = as_model_input(model_a, example_input)
         check_inputs(model_a, example_input)
-    if spec is None:
+    first = None
+    if spec is None and method == "activations":
+        batch = as_model_input(model_a, _input_batches(data, 4096)[0])
+        check_inputs(model_a, batch)
+        first = traced(model_a, batch)
+        spec = first.spec
+    elif spec is None:
         spec = permutation_spec(model_a, example_input=example_input)
     else:
         spec = coerce_spec(spec, model_a)
@@ -416,7 +426,7 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
                                                          max_iter=max_iter, seed=seed)
         iterations = len(trace_values)
     else:
-        perms, total = activation_matching(model_a, model_b, data, spec)
+        perms, total = activation_matching(model_a, model_b, data, spec, first=first)
         trace_values, converged, iterations = [total], True, 1
         initial = None
     aligned = permute_model(model_b, spec, perms)

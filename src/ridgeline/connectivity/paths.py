@@ -438,7 +438,12 @@ def make_path_result(alphas: list[float], values: Mapping[float, tuple[float, fl
 
 
 def _lerp(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float) -> Params:
-    """(1−α)a + αb for floating tensors; integer tensors (counters) are taken from a."""
+    """(1−α)a + αb for floating tensors; integer tensors (counters) are taken from a. The
+    ends are a and b exactly (a non-finite b must not leak into α = 0)."""
+    if alpha == 0:
+        return dict(a)
+    if alpha == 1:
+        return {k: (b[k] if v.is_floating_point() else v) for k, v in a.items()}
     return {k: (torch.lerp(v, b[k], alpha) if v.is_floating_point() else v) for k, v in a.items()}
 
 

@@ -29,7 +29,8 @@ from torch import nn
 from ridgeline.errors import ConfigError, UnsupportedOperationError
 
 __all__ = ["PermutationSpec", "permutation_spec", "coerce_spec", "apply_permutations",
-           "guess_example_input", "spec_for", "trace", "SPEC_HELP"]
+           "guess_example_input", "spec_for", "trace", "traced", "Traced",
+           "SPEC_HELP"]
 
 SPEC_HELP = (
     "Pass the spec by hand with spec={tensor_name: (perm_or_None, ...), ...}: one entry per "
@@ -735,6 +736,24 @@ def permutation_spec(model: nn.Module, *, example_input: torch.Tensor | None = N
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     inputs = example_input if example_input is not None else guess_example_input(model)
+    return traced(model, inputs).spec
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced forward pass: the graph, the axis variables, and the spec they give."""
+
+    graph_module: Any
+    tracer: _Tracer
+    names: list[str]
+    labels: dict[int, str]
+    roots: dict[str, tuple[int, ...]]
+    spec: PermutationSpec
+    input_shape: tuple[int, ...]
+
+
+def traced(model: nn.Module, inputs: torch.Tensor) -> Traced:
+    """Trace ``model`` on ``inputs`` and derive its permutation spec."""
     graph_module, tracer, names = trace(model, inputs)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"][:len(names)]
     state = _state(model)
@@ -747,7 +766,8 @@ def permutation_spec(model: nn.Module, *, example_input: torch.Tensor | None = N
                 perms.setdefault(perm, int(state[name].shape[axis]))
     if not perms:
         tracer.notes.append("no hidden units can be permuted in this model")
-    return PermutationSpec(perms, axes, "traced", tuple(tracer.notes))
+    spec = PermutationSpec(perms, axes, "traced", tuple(tracer.notes))
+    return Traced(graph_module, tracer, names, labels, roots, spec, tuple(inputs.shape))
 
 
 def spec_for(model: nn.Module, spec: PermutationSpec | Mapping | None,

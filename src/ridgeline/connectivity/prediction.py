@@ -171,7 +171,11 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, flo
 
 
 def _midpoint_excess(engine: PathEngine, params_a, params_b, buffers_a, buffers_b,
-                     loss_a: float, loss_b: float) -> float:
+                     path: Any) -> float:
+    """L(θ(½)) − ½(L_A + L_B), from the path when ½ is on its grid."""
+    loss_a, loss_b = path.losses[0], path.losses[-1]
+    if 0.5 in path.alphas:
+        return path.losses[path.alphas.index(0.5)] - 0.5 * (loss_a + loss_b)
     mid = {k: torch.lerp(v, params_b[k], 0.5) for k, v in params_a.items()}
     mid_buffers = {k: (torch.lerp(v, buffers_b[k], 0.5) if v.is_floating_point() else v)
                    for k, v in buffers_a.items()}
@@ -239,7 +243,7 @@ def predict_barrier(model_a: nn.Module | Objective, model_b: nn.Module, data: An
             path = engine.path(params_a, params_b, buffers_a, buffers_b, points=points)
             measured = path.barrier
             measured_mid = _midpoint_excess(engine, params_a, params_b, buffers_a, buffers_b,
-                                            path.losses[0], path.losses[-1])
+                                            path)
         rows = []
         for layer, names in groups.items():
             chosen = set(names)
@@ -252,8 +256,7 @@ def predict_barrier(model_a: nn.Module | Objective, model_b: nn.Module, data: An
             if measure:
                 path = engine.path(params_a, end, buffers_a, buffers_a, points=points, label=layer)
                 m = path.barrier
-                m_mid = _midpoint_excess(engine, params_a, end, buffers_a, buffers_a,
-                                         path.losses[0], path.losses[-1])
+                m_mid = _midpoint_excess(engine, params_a, end, buffers_a, buffers_a, path)
             rows.append(LayerPrediction(layer, layer_terms["predicted"], m, m_mid,
                                         layer_terms["gradient_term"], layer_terms["curvature_term"]))
             bar.advance(2)

@@ -1,0 +1,85 @@
+"""``ridgeline connect A.safetensors B.safetensors --data mnist1d``: barriers as a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("connect")
+    def connect(
+        model_a: Path = typer.Argument(..., help="Checkpoint of model A (.safetensors)."),
+        model_b: Path = typer.Argument(..., help="Checkpoint of model B (.safetensors)."),
+        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        split: str = typer.Option("train", "--split", help="Data split for the path: train or test."),
+        subset: int | None = typer.Option(None, "--subset", help="Use only the first N examples."),
+        align_method: str | None = typer.Option(
+            None, "--align", help="Also align B to A first: weights or activations."),
+        points: int = typer.Option(25, "--points", help="Points on the α grid (both ends)."),
+        reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn",
+                                      help="Re-estimate BatchNorm statistics at every point."),
+        plot: Path | None = typer.Option(None, "--plot", help="Save the loss curves to this image."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the weight-matching order."),
+    ) -> None:
+        """Loss barrier on the straight line between two checkpoints, naive and aligned."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from ridgeline.cli import fail, load_data, progress_on
+        from ridgeline.errors import ConfigError, RidgelineError
+        from ridgeline.train import load
+
+        from . import align, interpolate
+        from .paths import _batchnorms
+
+        try:
+            if align_method not in (None, "weights", "activations"):
+                raise ConfigError(f"--align must be 'weights' or 'activations', got {align_method!r}.")
+            a, b = load(model_a), load(model_b)
+            dataset = load_data(data, split, subset)
+            train_data = load_data(data, "train", subset) if split != "train" else dataset
+            reset = train_data if reset_bn and _batchnorms(a) else None
+            paths = [interpolate(a, b, dataset, points=points, reset_bn=reset,
+                                 progress=progress_on(), label="naive")]
+            aligned = None
+            if align_method:
+                aligned = align(a, b, method=align_method, data=train_data, seed=seed)
+                paths.append(interpolate(a, aligned.model, dataset, points=points, reset_bn=reset,
+                                         progress=progress_on(), label=f"aligned ({align_method})"))
+        except RidgelineError as exc:
+            fail(exc)
+            return
+        table = Table(title=f"barriers on {data} ({split}, {points} points)")
+        table.add_column("path", no_wrap=True)
+        for column in ("L(A)", "L(B)", "barrier", "B (mid)", "error B", "α*"):
+            table.add_column(column, no_wrap=True)
+
+        def fmt(value: float | None) -> str:
+            return "—" if value is None else f"{value:.4g}"
+
+        for path in paths:
+            table.add_row(path.label, fmt(path.losses[0]), fmt(path.losses[-1]), fmt(path.barrier),
+                          fmt(path.barrier_midpoint_convention), fmt(path.error_barrier),
+                          fmt(path.argmax_alpha))
+        Console().print(table)
+        typer.echo("barrier: max_α L(α) − linear interpolation of the ends (Frankle et al.); "
+                   "B (mid): max_α L(α) − mean of the ends (Git Re-Basin's code).")
+        if paths[0].normalization != "none":
+            typer.echo(f"normalisation at every point: {paths[0].normalization}")
+        if aligned is not None:
+            typer.echo(f"alignment: {aligned.iterations} passes, {aligned.changed_units} units moved, "
+                       f"{aligned.seconds:.2f} s")
+        if len(paths) == 2 and paths[0].barrier > 0:
+            typer.echo(f"alignment removes {100 * (1 - paths[1].barrier / paths[0].barrier):.1f} % "
+                       "of the barrier")
+        if plot is not None:
+            from ridgeline.study.figures import new_figure
+
+            fig, ax = new_figure(5.5, 3.6)
+            for path in paths:
+                path.plot(ax)
+            fig.tight_layout()
+            fig.savefig(plot)
+            typer.echo(f"plot: {plot}")
