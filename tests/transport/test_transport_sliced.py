@@ -298,3 +298,16 @@ def test_too_few_projections_give_nan_standard_error():
     _, se = sliced_wasserstein(x, y, projections=2, seed=0, control_variate="lower",
                                return_stderr=True)
     assert math.isnan(float(se))
+
+
+def test_batched_weights_on_a_shared_cloud_match_one_at_a_time():
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(10, 3, generator=gen, dtype=F64), torch.randn(12, 3, generator=gen, dtype=F64)
+    w = torch.rand(4, 10, generator=gen, dtype=F64)
+    w = w / w.sum(-1, keepdim=True)
+    batched = sliced_wasserstein(x, y, weights_x=w, projections=20, seed=0, control_variate="upper")
+    assert batched.shape == (4,)
+    for i in range(4):
+        one = sliced_wasserstein(x, y, weights_x=w[i], projections=20, seed=0,
+                                 control_variate="upper")
+        assert float(batched[i]) == pytest.approx(float(one), rel=1e-12)

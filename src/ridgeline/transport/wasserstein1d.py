@@ -102,7 +102,8 @@ def wasserstein_1d_power(u: torch.Tensor, v: torch.Tensor, *, p: float = 2.0,
         idx_u, idx_v, delta = _uniform_grid(n, m, u)
         diff = us.index_select(-1, idx_u) - vs.index_select(-1, idx_v)
         return (ground_cost(diff, p) * delta).sum(-1)
-    batch = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1])
+    batch = torch.broadcast_shapes(u.shape[:-1], v.shape[:-1],
+                                   *(w.shape[:-1] for w in (weights_u, weights_v) if w is not None))
     u, v = u.expand(*batch, n), v.expand(*batch, m)
     us, cu = _sorted_with_cumweights(u, weights_u)
     vs, cv = _sorted_with_cumweights(v, weights_v)
