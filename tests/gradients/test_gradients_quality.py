@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -110,3 +111,32 @@ def test_quality_rejects_bad_repeats(tiny_mlp, tiny_data):
             quality(tiny_mlp, tiny_data, repeats=bad)
     with pytest.raises(ConfigError, match="num_guesses"):
         quality(tiny_mlp, tiny_data, num_guesses=0)
+
+
+@pytest.mark.slow
+def test_mnist1d_random_cosine_is_one_over_sqrt_p_and_local_is_ten_times_higher():
+    """The science claim of METHODS.md §5 on the study's MLP (40-256-256-10)."""
+    import ridgeline
+    from ridgeline.data import mnist1d
+
+    train_data, test_data = mnist1d("train"), mnist1d("test")
+    torch.manual_seed(1)
+    initial = mlp(40, [256, 256], 10)
+    model = copy.deepcopy(initial)
+    ridgeline.train(model, train_data, epochs=10, seed=1, progress=False)
+    random = quality(model, train_data, guess="random", repeats=30, seed=0)
+    local = quality(model, train_data, guess="local", fit_epochs=3)
+    assert 0.5 < random.mean * math.sqrt(random.num_params) < 1.5
+    assert local.mean > 10 * random.mean
+    assert local.details["flops"]["ratio"] < 0.10
+    accuracy = {}
+    for name, extra, lr in (("backprop", {}, 0.05),
+                            ("local", {"gradient": "forward", "guess": "local"}, 0.05),
+                            ("random", {"gradient": "forward", "guess": "random"},
+                             0.05 / math.sqrt(random.num_params))):
+        net = copy.deepcopy(initial)
+        result = ridgeline.train(net, train_data, lr=lr, epochs=10, seed=1, eval_data=test_data,
+                                 progress=False, **extra)
+        accuracy[name] = result.final["eval_accuracy"]
+    assert accuracy["backprop"] - accuracy["local"] < 0.15
+    assert accuracy["random"] < accuracy["local"] - 0.2
