@@ -83,13 +83,15 @@ def test_random_guess_training_is_seeded_and_moves_the_loss(blobs):
     assert ra.history[-1]["train_loss"] < ra.history[0]["train_loss"]
 
 
-def test_batchnorm_running_statistics_are_updated(blobs):
+@pytest.mark.parametrize("guess", ["rademacher", "local"])
+def test_batchnorm_running_statistics_are_updated(blobs, guess):
     torch.manual_seed(0)
     model = mlp(10, [16], 4, norm="batch")
     before = model[2].running_mean.clone()
-    ridgeline.train(model, blobs, gradient="forward", optimizer="adam", guess="rademacher",
+    ridgeline.train(model, blobs, gradient="forward", optimizer="adam", guess=guess,
                     lr=1e-3, epochs=1, batch_size=100, progress=False)
     assert not torch.equal(before, model[2].running_mean)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_forward_training_rejects_bad_options(blobs):

@@ -313,27 +313,29 @@ class LocalGuess(Guess):
                     if not guesses:
                         break
 
-                    def final(th, block=block, z_in=z_in):
-                        out = self._run(block, th, buffers, z_in)
+                    def final(th, bufs, block=block, z_in=z_in):
+                        out = self._run(block, th, bufs, z_in)
                         return loss_fn(out, targets), out
 
-                    g, (value, z) = grad_and_value(final, has_aux=True)(theta)
+                    g, (value, z) = grad_and_value(final, has_aux=True)(theta, buffers)
                     guess.update(g)
                     losses.append(value.detach())
                     continue
                 head = self.heads[b]
                 phi = {n: p.detach() for n, p in head.named_parameters()}
 
-                def local(th, ph, block=block, head=head, z_in=z_in):
-                    out = self._run(block, th, buffers, z_in)
+                # buffers are arguments, not captured, so BatchNorm may update its copies
+                def local(th, ph, bufs, block=block, head=head, z_in=z_in):
+                    out = self._run(block, th, bufs, z_in)
                     return loss_fn(functional_call(head, ph, (out,)), targets), out
 
                 if guesses:
-                    (g, gh), (value, z) = grad_and_value(local, argnums=(0, 1), has_aux=True)(theta, phi)
+                    (g, gh), (value, z) = grad_and_value(local, argnums=(0, 1), has_aux=True)(
+                        theta, phi, buffers)
                     guess.update(g)
                 else:
-                    gh, (value, z) = grad_and_value(lambda ph, th=theta, f=local: f(th, ph),
-                                                    has_aux=True)(phi)
+                    gh, (value, z) = grad_and_value(local, argnums=1, has_aux=True)(
+                        theta, phi, buffers)
                 head_grads.append({n: t.detach() for n, t in gh.items()})
                 losses.append(value.detach())
                 z = z.detach()
