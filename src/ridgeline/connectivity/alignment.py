@@ -117,7 +117,8 @@ def permute_model(model: nn.Module, spec: PermutationSpec,
 
 
 def _inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    return float(sum((a[k].double() * b[k].double()).sum() for k in a))
+    """Σ_k ⟨a_k, b_k⟩ (each term in the tensors' dtype, summed in Python floats)."""
+    return sum(float(torch.dot(a[k].reshape(-1), b[k].reshape(-1))) for k in a)
 
 
 def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
@@ -146,11 +147,19 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     sizes = dict(spec.perms)
     perms = {p: (torch.as_tensor(init[p]).long() if init is not None and p in init
                  else torch.arange(n)) for p, n in sizes.items()}
-    a64 = {k: params_a[k].detach().double().cpu() for k in names}
-    b64 = {k: params_b[k].detach().double().cpu() for k in names}
+    a_side = {k: params_a[k].detach() for k in names}
+    b_side = {k: params_b[k].detach() for k in names}
     # A's side of every term is fixed: precompute its flattened matrix once
-    a_mats = {(k, axis): a64[k].movedim(axis, 0).reshape(a64[k].shape[axis], -1)
+    a_mats = {(k, axis): a_side[k].movedim(axis, 0).reshape(a_side[k].shape[axis], -1)
               for p in groups for k, axis in groups[p]}
+    # terms whose tensor has no other permuted axis never change: compute them once
+    fixed_terms = {}
+    for p in groups:
+        for k, axis in groups[p]:
+            if all(other is None or a == axis for a, other in enumerate(spec.axes[k])):
+                n = sizes[p]
+                product = a_mats[(k, axis)] @ b_side[k].movedim(axis, 0).reshape(n, -1).T
+                fixed_terms[p] = fixed_terms.get(p, 0) + product.double().cpu()
     order = [p for p in sizes if groups[p]]
     trace: list[float] = []
     converged = False
@@ -159,20 +168,24 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
         for index in rng.permutation(len(order)):
             p = order[index]
             n = sizes[p]
-            cost = torch.zeros(n, n, dtype=torch.float64)
+            cost = (fixed_terms[p].clone() if p in fixed_terms
+                    else torch.zeros(n, n, dtype=torch.float64))
             for k, axis in groups[p]:
-                w_b = b64[k]
+                if all(other is None or a == axis for a, other in enumerate(spec.axes[k])):
+                    continue
+                w_b = b_side[k]
                 for other_axis, other in enumerate(spec.axes[k]):
                     if other is not None and other_axis != axis:
-                        w_b = w_b.index_select(other_axis, perms[other])
-                cost += a_mats[(k, axis)] @ w_b.movedim(axis, 0).reshape(n, -1).T
+                        w_b = w_b.index_select(other_axis, perms[other].to(w_b.device))
+                # in the parameters' own dtype and device; summed in float64 on the CPU
+                cost += (a_mats[(k, axis)] @ w_b.movedim(axis, 0).reshape(n, -1).T).double().cpu()
             rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             old = float(cost[torch.arange(n), perms[p]].sum())
             new = float(cost.numpy()[rows, cols].sum())
             if new > old + 1e-12 * max(1.0, abs(old)):
                 perms[p] = torch.as_tensor(cols, dtype=torch.long)
                 improved = True
-        trace.append(_inner(a64, apply_permutations(b64, spec, perms)))
+        trace.append(_inner(a_side, apply_permutations(b_side, spec, perms)))
         if not improved:
             converged = True
             break

@@ -18,10 +18,10 @@ from torch import nn
 from ridgeline.errors import ConfigError
 from ridgeline.losses import LossFn
 from ridgeline.objective import Objective
-from ridgeline.params import named_buffers, named_parameters
+from ridgeline.params import named_buffers
 from ridgeline.progress import progress_bar
 
-from .paths import PathEngine, PathResult, coerce_pair
+from .paths import PathEngine, PathResult, all_parameters, coerce_pair
 
 __all__ = ["layerwise_barriers", "LayerwiseResult", "layer_groups", "hybrid"]
 
@@ -139,7 +139,7 @@ def layerwise_barriers(model_a: nn.Module | Objective, model_b: nn.Module, data:
     objective, model_b = coerce_pair(model_a, model_b, data, loss, batch_size)
     engine = PathEngine(objective, accuracy="accuracy" in metrics, reset_data=reset_bn,
                         reset_batches=reset_batches, batch_size=batch_size)
-    params_a, params_b = named_parameters(objective.model), named_parameters(model_b)
+    params_a, params_b = all_parameters(objective.model), all_parameters(model_b)
     buffers = named_buffers(objective.model)
     groups = layer_groups(params_a, layers)
     paths = []

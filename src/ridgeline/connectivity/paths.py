@@ -22,7 +22,7 @@ from ridgeline.params import check_same_structure, named_buffers, named_paramete
 from ridgeline.progress import progress_bar
 
 __all__ = ["interpolate", "PathResult", "barrier", "reset_bn", "PathEngine", "alpha_grid",
-           "BARRIER_CONVENTION"]
+           "all_parameters", "BARRIER_CONVENTION"]
 
 Params = dict[str, torch.Tensor]
 
@@ -131,6 +131,11 @@ class PathResult:
         ax.set_ylabel(metric)
         ax.legend()
         return ax
+
+
+def all_parameters(model: nn.Module) -> Params:
+    """Every parameter by name, frozen ones included: a path moves all of them."""
+    return named_parameters(model, trainable_only=False)
 
 
 def alpha_grid(points: int | Sequence[float]) -> list[float]:
@@ -306,7 +311,7 @@ def reset_bn(model: nn.Module, data: Any, *, batches: int | None = None,
     import copy
 
     objective = Objective(model, data, batch_size=batch_size, validate=False)
-    fresh = reset_statistics(model, named_parameters(model), named_buffers(model),
+    fresh = reset_statistics(model, all_parameters(model), named_buffers(model),
                              _input_batches(objective, batches))
     out = copy.deepcopy(model)
     with torch.no_grad():
@@ -455,7 +460,7 @@ def coerce_pair(model_a: Any, model_b: Any, data: Any, loss: str | LossFn,
         model_b = model_b.model
     if not isinstance(model_b, nn.Module):
         raise TypeError(f"model_b must be a torch.nn.Module, got {type(model_b).__name__}.")
-    check_same_structure(named_parameters(objective.model), named_parameters(model_b))
+    check_same_structure(all_parameters(objective.model), all_parameters(model_b))
     check_same_structure(named_buffers(objective.model), named_buffers(model_b))
     return objective, model_b
 
@@ -519,6 +524,6 @@ def interpolate(model_a: nn.Module | Objective, model_b: nn.Module, data: Any = 
     engine = PathEngine(objective, accuracy="accuracy" in metrics, reset_data=reset_bn,
                         reset_batches=reset_batches, repair=repair, batch_size=batch_size)
     model = objective.model
-    return engine.path(named_parameters(model), named_parameters(model_b), named_buffers(model),
+    return engine.path(all_parameters(model), all_parameters(model_b), named_buffers(model),
                        named_buffers(model_b), points=points, refine=refine, progress=progress,
                        label=label)

@@ -27,11 +27,11 @@ from torch.func import grad_and_value, jvp
 
 from ridgeline.losses import LossFn
 from ridgeline.objective import Objective
-from ridgeline.params import named_buffers, named_parameters, sub
+from ridgeline.params import named_buffers, sub
 from ridgeline.progress import progress_bar
 
 from .layerwise import hybrid, layer_groups
-from .paths import PathEngine, coerce_pair
+from .paths import PathEngine, all_parameters, coerce_pair
 
 __all__ = ["predict_barrier", "BarrierPrediction", "LayerPrediction", "directional_terms",
            "predicted_barrier"]
@@ -229,7 +229,7 @@ def predict_barrier(model_a: nn.Module | Objective, model_b: nn.Module, data: An
     """
     objective, model_b = coerce_pair(model_a, model_b, data, loss, batch_size)
     engine = PathEngine(objective, accuracy=False, batch_size=batch_size)
-    params_a, params_b = named_parameters(objective.model), named_parameters(model_b)
+    params_a, params_b = all_parameters(objective.model), all_parameters(model_b)
     buffers_a, buffers_b = named_buffers(objective.model), named_buffers(model_b)
     delta = sub(params_b, params_a)
     groups = layer_groups(params_a, layers) if layerwise else {}

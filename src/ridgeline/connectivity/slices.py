@@ -23,14 +23,13 @@ from ridgeline.params import (
     flatten,
     make_generator,
     named_buffers,
-    named_parameters,
     random_direction,
     sub,
     unflatten,
 )
 from ridgeline.progress import progress_bar
 
-from .paths import PathEngine
+from .paths import PathEngine, all_parameters
 
 __all__ = ["slice", "landscape_slice", "SliceResult", "slice_directions"]
 
@@ -126,7 +125,7 @@ class SliceResult:
 
 def _as_params(item: Any, like: Params, what: str) -> Params:
     if isinstance(item, nn.Module):
-        other = named_parameters(item)
+        other = all_parameters(item)
         check_same_structure(like, other, ("model", what))
         return other
     if isinstance(item, Mapping):
@@ -146,7 +145,7 @@ def slice_directions(objective: Objective, directions: Any, dims: int, *, seed: 
                      trajectory: Sequence[Any] | None = None
                      ) -> tuple[list[Params], str, dict[str, Any]]:
     """The ``dims`` directions of a slice and a description of how they were made."""
-    theta = named_parameters(objective.model)
+    theta = all_parameters(objective.model)
     gen = make_generator(seed)
     extra: dict[str, Any] = {}
     if isinstance(directions, str):
@@ -256,7 +255,7 @@ def landscape_slice(model: nn.Module | Objective, data: Any = None, *,
     objective = as_objective(model, data, loss=loss, batch_size=batch_size)
     engine = PathEngine(objective, accuracy="accuracy" in metrics, reset_data=reset_bn,
                         batch_size=batch_size)
-    theta, buffers = named_parameters(objective.model), named_buffers(objective.model)
+    theta, buffers = all_parameters(objective.model), named_buffers(objective.model)
     found, description, extra = slice_directions(objective, directions, dims, seed=seed,
                                                  trajectory=trajectory)
     axis = [low + (high - low) * i / (points - 1) for i in range(points)]
