@@ -129,8 +129,14 @@ def run(ctx, options: ForwardGradientOptions) -> dict:
     methods = [("backprop", {}, settings.lr)]
     for name in options.train_guesses:
         lr = random_lr if name in ("random", "rademacher") else settings.lr
-        methods.append((f"forward-{name}", {"gradient": "forward", "guess": name,
-                                            **({"head": options.head} if name == "local" else {})}, lr))
+        extra: dict = {"gradient": "forward", "guess": name}
+        if name == "local":
+            extra["head"] = options.head
+        elif name == "previous":  # the previous estimate plus fresh directions, projected
+            extra.update(combine="span", num_guesses=max(2, options.num_guesses))
+        else:
+            extra["num_guesses"] = options.num_guesses
+        methods.append((f"forward-{name}", extra, lr))
     for label, extra, lr in methods:
         model = copy.deepcopy(initial)
         outcome = train(model, train_data, optimizer=base, lr=lr,
