@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import time
 
+import pytest
 import torch
 
 from ridgeline.study import config_from_dict, run_study
@@ -32,20 +34,15 @@ def _curvature_ready() -> bool:
     return hasattr(curvature, "top_eigenvalues") and hasattr(curvature, "sharpness")
 
 
-def test_sharpness_aware_measurement_compares_every_method(tmp_path):
-    outcome = run_study(config_from_dict(_TINY), tmp_path, progress=False)
-    record = ResultStore(tmp_path).latest()["sharpness_aware"]
-    result = record["result"]
-    methods = result["methods"]
-    assert list(methods) == ["sgd", "sam", "asam", "saf", "mesa"]
-    assert result["timed_from_epoch"] == 2 and result["steps_per_epoch"] == 4
-    params = 40 * 16 + 16 + 16 * 10 + 10
-    assert methods["sgd"]["relative_time"] == 1.0
-    assert methods["sgd"]["state_bytes"] == 0
-    assert methods["sam"]["state_bytes"] == 4 * params          # the saved copy of θ
-    assert methods["saf"]["state_bytes"] == 2 * 200 * (10 * 2 + 1)  # (lag+1)·N·(O fp16 + flag)
-    assert methods["mesa"]["state_bytes"] == 4 * params         # the EMA teacher
-    for row in methods.values():
+def _run(tmp_path, **options):
+    config = copy.deepcopy(_TINY)
+    config["measurements"][0].update(options)
+    outcome = run_study(config_from_dict(config), tmp_path, progress=False)
+    return ResultStore(tmp_path).latest()["sharpness_aware"]["result"], outcome.report.read_text()
+
+
+def _check_rows(result: dict) -> None:
+    for row in result["methods"].values():
         assert 0.0 <= row["test_accuracy"] <= 1.0
         assert len(row["history"]) == 4 and row["time_per_step"] > 0
         if _curvature_ready():
@@ -53,10 +50,31 @@ def test_sharpness_aware_measurement_compares_every_method(tmp_path):
             assert math.isfinite(row["sharpness"]) and row["sharpness"] >= 0
         else:  # guard: the curvature instrument is not in this checkout yet
             assert row["top_eigenvalue"] is None and row["sharpness"] is None
-    if not _curvature_ready():
-        assert "ridgeline.curvature is not available" in result["notes"][0]
-    html = outcome.report.read_text()
+            assert "ridgeline.curvature is not available" in result["notes"][0]
+
+
+def test_sharpness_aware_measurement_reports_sgd_and_saf(tmp_path):
+    result, html = _run(tmp_path, methods=["sgd", "saf"], subset=50)
+    methods = result["methods"]
+    assert list(methods) == ["sgd", "saf"]
+    assert result["timed_from_epoch"] == 2 and result["steps_per_epoch"] == 4
+    assert methods["sgd"]["relative_time"] == 1.0 and methods["sgd"]["state_bytes"] == 0
+    assert methods["saf"]["state_bytes"] == 2 * 200 * (10 * 2 + 1)  # (lag+1)·N·(O fp16 + flag)
+    assert methods["saf"]["memory_kind"] == "sampled RSS peak above start"
+    _check_rows(result)
     assert "time ×SGD" in html and "<svg" in html
+
+
+@pytest.mark.slow
+def test_sharpness_aware_measurement_compares_every_method(tmp_path):
+    result, html = _run(tmp_path)
+    methods = result["methods"]
+    assert list(methods) == ["sgd", "sam", "asam", "saf", "mesa"]
+    params = 40 * 16 + 16 + 16 * 10 + 10
+    assert methods["sam"]["state_bytes"] == 4 * params   # the saved copy of θ
+    assert methods["mesa"]["state_bytes"] == 4 * params  # the EMA teacher
+    _check_rows(result)
+    assert html.count("<tr>") >= 5
 
 
 def test_peak_memory_sees_a_large_allocation():

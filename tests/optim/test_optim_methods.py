@@ -58,8 +58,10 @@ def test_methods_train_and_describe_themselves(method):
     assert described["optimizer"] == "SGD"
     if method in ("sam", "asam"):
         assert described["rho"] == (0.05 if method == "sam" else 2.0)
-    if method == "saf":
-        assert described["memory_bytes"] == 2 * 50 * (4 * 2 + 1)
+    params = 8 * 16 + 16 + 16 * 4 + 4
+    expected = {"sam": 4 * params, "asam": 4 * params, "mesa": 4 * params,
+                "saf": 2 * 50 * (4 * 2 + 1)}  # θ copy, θ copy, teacher, (lag+1)·N·(O·2 B + 1 B)
+    assert described["memory_bytes"] == expected[method]
 
 
 class _RecordingSAF(SAFStep):

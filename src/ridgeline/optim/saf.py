@@ -28,22 +28,20 @@ class _SoftKL(torch.autograd.Function):
     def forward(ctx, outputs, teacher_logits, mask, scale, temperature):
         both = torch.stack((outputs.detach().float().t(), teacher_logits.float().t()))
         logs = F.log_softmax(both.mul_(1.0 / temperature), dim=1)
-        log_q, log_p = logs[0], logs[1]
-        p = log_p.exp()
-        gap = log_p - log_q
+        probs = logs.exp()
+        gap = logs[1] - logs[0]                    # log p − log q
+        diff = probs[0] - probs[1]                 # q − p, the gradient's direction
         if mask is not None:
             gap.mul_(mask)
-        ctx.save_for_backward(log_q, p, mask)
+            diff.mul_(mask)
+        ctx.save_for_backward(diff)
         ctx.factor, ctx.dtype = scale / temperature, outputs.dtype
-        return torch.vdot(p.view(-1), gap.view(-1)) * scale
+        return torch.vdot(probs[1].reshape(-1), gap.view(-1)) * scale
 
     @staticmethod
     def backward(ctx, grad):
-        log_q, p, mask = ctx.saved_tensors
-        out = log_q.exp().sub_(p).mul_(grad * ctx.factor)
-        if mask is not None:
-            out.mul_(mask)
-        return out.t().to(ctx.dtype), None, None, None, None
+        (diff,) = ctx.saved_tensors
+        return (diff * (grad * ctx.factor)).t().to(ctx.dtype), None, None, None, None
 
 
 def distillation_kl(teacher_logits: torch.Tensor, outputs: torch.Tensor, temperature: float,
