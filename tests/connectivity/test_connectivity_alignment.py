@@ -102,3 +102,13 @@ def test_activation_matching_needs_data_of_the_right_shape():
         align(model_a, model_b, method="activations")
     with pytest.raises(ShapeMismatchError, match="inputs of shape"):
         align(model_a, model_b, method="activations", data=(torch.randn(5, 3), torch.zeros(5).long()))
+
+
+def test_tolerance_stops_weight_matching_when_a_pass_gains_little():
+    torch.manual_seed(5)
+    model_a, model_b = mlp(8, [64, 64], 4), mlp(8, [64, 64], 4)
+    exact = align(model_a, model_b, seed=1)
+    loose = align(model_a, model_b, seed=1, tol=0.05)
+    assert loose.iterations <= exact.iterations
+    trace = loose.objective_trace
+    assert len(trace) == 1 or trace[-1] - trace[-2] < 0.05 * abs(trace[-2]) or loose.iterations == 100

@@ -199,3 +199,12 @@ def test_repair_sets_each_hidden_layer_to_the_interpolated_endpoint_statistics(p
         torch.testing.assert_close(corrected.std(0, unbiased=False), target_std, atol=1e-10, rtol=0)
     same = interpolate(a, copy.deepcopy(a), data, points=3, repair=True)
     assert same.normalization == "repair" and same.barrier == pytest.approx(0, abs=1e-12)
+
+
+def test_frozen_parameters_move_along_the_path_too(pair, data):
+    a, b = pair
+    a, b = copy.deepcopy(a), copy.deepcopy(b)
+    for model in (a, b):
+        model[1].requires_grad_(False)
+    result = interpolate(a, b, data, points=3)
+    assert result.losses[1] == pytest.approx(_by_hand(a, b, 0.5, *data)[0], abs=1e-12)
