@@ -640,38 +640,38 @@ def _lanczos_runs(op: _Operator, starts: torch.Tensor, steps: int
     (a run stops early when its Krylov space becomes invariant)."""
     b, dim = starts.shape
     eps = torch.finfo(op.dtype).eps
-    basis = torch.zeros(steps, b, dim, dtype=op.dtype, device=op.device)
-    basis[0] = starts / starts.norm(dim=1, keepdim=True)
+    basis = torch.zeros(b, steps, dim, dtype=op.dtype, device=op.device)   # run-major
+    basis[:, 0] = starts / starts.norm(dim=1, keepdim=True)
     alphas = np.zeros((b, steps))
     betas = np.zeros((b, max(steps - 1, 0)))
     length = np.full(b, steps)
-    active = torch.ones(b, dtype=torch.bool, device=op.device)
+    rows = np.arange(b)                                   # the runs still going
     for j in range(steps):
-        idx = active.nonzero().flatten()
-        q = basis[j, idx]
+        everyone = len(rows) == b
+        runs = basis if everyone else basis[torch.as_tensor(rows, device=op.device)]
+        q = runs[:, j]
         w = op.block(q)
         alpha = (q * w).sum(dim=1)
         w = w - alpha[:, None] * q
         if j > 0:
-            w = w - torch.as_tensor(betas[idx.cpu().numpy(), j - 1], dtype=op.dtype,
-                                    device=op.device)[:, None] * basis[j - 1, idx]
-        prev = basis[:j + 1, idx]                                        # (j+1, a, dim)
-        for _ in range(2):
-            w = w - torch.einsum("jad,ja->ad", prev, torch.einsum("jad,ad->ja", prev, w))
-        beta = w.norm(dim=1)
-        rows = idx.cpu().numpy()
+            w = w - torch.as_tensor(betas[rows, j - 1], dtype=op.dtype,
+                                    device=op.device)[:, None] * runs[:, j - 1]
+        # each run against its own basis (matrix-vector products; bmm with one column is slow)
+        w = torch.stack([_orthogonalise(w[r], runs[r, :j + 1]) for r in range(len(rows))])
+        beta = w.norm(dim=1).double().cpu().numpy()
         alphas[rows, j] = alpha.double().cpu().numpy()
         if j + 1 == steps:
             break
         scale = np.abs(alphas[rows, :j + 1]).max(axis=1) + (
             np.abs(betas[rows, :j]).max(axis=1) if j > 0 else 0.0)
-        done = beta.double().cpu().numpy() <= 10 * eps * np.maximum(scale, 1e-300) * math.sqrt(j + 1)
+        done = beta <= 10 * eps * np.maximum(scale, 1e-300) * math.sqrt(j + 1)
         length[rows[done]] = j + 1
-        active[idx[torch.as_tensor(done, device=op.device)]] = False
-        keep = ~torch.as_tensor(done, device=op.device)
-        betas[rows[~done], j] = beta[keep].double().cpu().numpy()
-        basis[j + 1, idx[keep]] = w[keep] / beta[keep, None]
-        if not bool(active.any()):
+        betas[rows[~done], j] = beta[~done]
+        keep = torch.as_tensor(~done, device=op.device)
+        basis[torch.as_tensor(rows[~done], device=op.device), j + 1] = (
+            w[keep] / torch.as_tensor(beta[~done], dtype=op.dtype, device=op.device)[:, None])
+        rows = rows[~done]
+        if len(rows) == 0:
             break
     return alphas, betas, length
 

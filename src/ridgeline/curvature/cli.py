@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
         with_trace: bool = typer.Option(False, "--trace", help="Hutchinson trace estimate."),
         rtol: float = typer.Option(0.05, "--rtol", help="Relative standard error of the trace."),
         with_density: bool = typer.Option(False, "--density", help="SLQ spectral density."),
+        runs: int = typer.Option(10, "--runs", help="SLQ runs (random start vectors)."),
+        steps: int = typer.Option(80, "--steps", help="Lanczos steps per SLQ run."),
         plot: Path | None = typer.Option(None, "--plot", help="Save the density plot here."),
         with_sharpness: bool = typer.Option(False, "--sharpness",
                                             help="Adaptive worst-case ℓ∞ and average ℓ2 sharpness."),
@@ -69,7 +71,7 @@ def register(app: typer.Typer) -> None:
                 rows.append(("trace", f"{result.value:.6g}",
                              f"± {result.stderr:.3g} (std. error), {result.matvecs} HVPs"))
             if with_density:
-                result = density(operator, seed=seed, progress=show)
+                result = density(operator, runs=runs, steps=steps, seed=seed, progress=show)
                 moments = result.moments
                 rows.append(("density: tr(H)/P", f"{moments[1]:.4g}",
                              f"tr(H²)/P = {moments[2]:.4g}, {result.matvecs} HVPs"))
