@@ -39,7 +39,8 @@ class Spectrum:
         Orthonormal eigenvectors as flat vectors over ``param_names`` (see
         :meth:`direction`).
     residuals : Tensor (k,)
-        ‖M v − λ v‖ of each pair.
+        ‖M v − λ v‖ of each pair, as the Lanczos estimate β_m|s_{m,i}| (equal to the true
+        residual while the basis is orthogonal; below ~ε‖M‖ it only says "converged").
     matvecs : int
         Curvature-vector products used.
     converged : bool
@@ -181,7 +182,7 @@ def top_eigenvalues(model_or_objective: nn.Module | Objective | CurvatureOperato
 
 
 def trace(model_or_objective: nn.Module | Objective | CurvatureOperator, data: Any = None, *,
-          method: str = "hutch++", rtol: float = 0.05, max_matvecs: int = 1000,
+          method: str = "hutchinson", rtol: float = 0.05, max_matvecs: int = 1000,
           rank: int | None = None, seed: Seed = 0, loss: str | Callable = "cross_entropy",
           curvature: str = "hessian", param_filter: ParamFilter = None, block_size: int = 1,
           progress: bool | None = False, **objective_options: Any) -> linalg.TraceEstimate:
