@@ -59,7 +59,7 @@ def test_sharpness_aware_measurement_reports_sgd_and_saf(tmp_path):
     assert list(methods) == ["sgd", "saf"]
     assert result["timed_from_epoch"] == 2 and result["steps_per_epoch"] == 4
     assert methods["sgd"]["relative_time"] == 1.0 and methods["sgd"]["state_bytes"] == 0
-    assert methods["saf"]["state_bytes"] == 2 * 200 * (10 * 2 + 1)  # (lag+1)·N·(O fp16 + flag)
+    assert methods["saf"]["state_bytes"] == 2 * 200 * 10 * 2  # (lag+1)·N·O float16 values
     assert methods["saf"]["memory_kind"] == "sampled RSS peak above start"
     _check_rows(result)
     assert "time ×SGD" in html and "<svg" in html

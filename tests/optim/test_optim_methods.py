@@ -60,7 +60,7 @@ def test_methods_train_and_describe_themselves(method):
         assert described["rho"] == (0.05 if method == "sam" else 2.0)
     params = 8 * 16 + 16 + 16 * 4 + 4
     expected = {"sam": 4 * params, "asam": 4 * params, "mesa": 4 * params,
-                "saf": 2 * 50 * (4 * 2 + 1)}  # θ copy, θ copy, teacher, (lag+1)·N·(O·2 B + 1 B)
+                "saf": 2 * 50 * 4 * 2}  # θ copy, θ copy, teacher, (lag+1)·N·O float16
     assert described["memory_bytes"] == expected[method]
 
 
@@ -148,3 +148,12 @@ def test_cli_trains_with_saf(tmp_path):
                                       "--option", "start_epoch=2"])
     assert result.exit_code == 0, result.output
     assert out.exists() and "test accuracy" in result.output
+
+
+def test_forward_gradient_optimizer_is_reexported_lazily():
+    training = pytest.importorskip("ridgeline.gradients.training")
+    import ridgeline.optim
+
+    assert ridgeline.optim.ForwardGradientSGD is training.ForwardGradientSGD
+    with pytest.raises(AttributeError):
+        ridgeline.optim.NoSuchOptimizer  # noqa: B018

@@ -30,10 +30,10 @@ class _SoftKL(torch.autograd.Function):
         logs = F.log_softmax(both.mul_(1.0 / temperature), dim=1)
         probs = logs.exp()
         gap = logs[1] - logs[0]                    # log p − log q
-        diff = probs[0] - probs[1]                 # q − p, the gradient's direction
+        diff = (probs[0] - probs[1]).t().contiguous()   # q − p as (B, O), the gradient's direction
         if mask is not None:
             gap.mul_(mask)
-            diff.mul_(mask)
+            diff.mul_(mask.unsqueeze(-1))
         ctx.save_for_backward(diff)
         ctx.factor, ctx.dtype = scale / temperature, outputs.dtype
         return torch.vdot(probs[1].reshape(-1), gap.view(-1)) * scale
@@ -41,7 +41,7 @@ class _SoftKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (diff,) = ctx.saved_tensors
-        return (diff * (grad * ctx.factor)).t().to(ctx.dtype), None, None, None, None
+        return (diff * (grad * ctx.factor)).to(ctx.dtype), None, None, None, None
 
 
 def distillation_kl(teacher_logits: torch.Tensor, outputs: torch.Tensor, temperature: float,
@@ -80,9 +80,10 @@ class TrajectoryLoss:
     (Ẽ = ``lag``). It penalises how fast the outputs move along the trajectory, which Du
     et al. show approximates SAM's sharpness term at no extra forward or backward pass.
     Logits are kept per example index in a ring buffer of Ẽ + 1 epoch slots, so memory is
-    (Ẽ + 1)·N·O values of ``dtype`` plus one byte per slot and example (which examples a
-    slot holds). The term is 0 before ``start_epoch`` and for examples without logits from
-    epoch e − Ẽ (the first Ẽ epochs, or an example skipped by ``drop_last``).
+    exactly (Ẽ + 1)·N·O values of ``dtype`` (a slot is filled with NaN when its epoch
+    starts, which marks the examples not seen in it). The term is 0 before ``start_epoch``
+    and for examples without logits from epoch e − Ẽ (the first Ẽ epochs, or an example
+    skipped by ``drop_last``); the mean is always over the whole batch.
 
     Parameters
     ----------
@@ -101,7 +102,8 @@ class TrajectoryLoss:
     dtype : torch.float16, torch.bfloat16 or torch.float32
         Storage type of the buffer (half precision halves the memory).
     device : torch.device, optional
-        Where the buffer lives; by default the device of the first logits it sees.
+        Where the buffer lives; by default the device of the first logits it sees. It is
+        allocated on the first call, not before.
 
     Notes
     -----
@@ -109,6 +111,7 @@ class TrajectoryLoss:
     training-set indices (:class:`~ridgeline.optim.IndexedDataset` yields them) and add it
     to the loss. Epochs must not decrease, and every epoch must see the same number of
     examples (a changing loader length is an error: the stored logits would not line up).
+    The KL and its gradient λτ(softmax(f/τ) − softmax(ŷ/τ))/B are one fused autograd node.
 
     References
     ----------
@@ -135,9 +138,8 @@ class TrajectoryLoss:
         self.slots = self.lag + 1
         self._device = None if device is None else torch.device(device)
         self._logits: torch.Tensor | None = None
-        self._written: torch.Tensor | None = None
-        self._slot_epoch = [None] * self.slots
-        self._complete: dict[int, bool] = {}  # epoch -> every example was written in it
+        self._slot_epoch: list[int | None] = [None] * self.slots
+        self._complete: dict[int, bool] = {}  # epoch -> every example was seen in it
         self._epoch: int | None = None
         self._seen = 0
         self._epoch_sizes: list[int] = []
@@ -145,38 +147,35 @@ class TrajectoryLoss:
     # ------------------------------------------------------------------ memory
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the ring buffer: (lag+1)·N·O logits of ``dtype`` + (lag+1)·N flags."""
+        """Bytes of the ring buffer: (lag+1)·N·O values of ``dtype``."""
         item = torch.empty((), dtype=self.dtype).element_size()
-        return self.slots * self.num_examples * (self.num_outputs * item + 1)
+        return self.slots * self.num_examples * self.num_outputs * item
 
     def _allocate(self, device: torch.device) -> None:
-        device = self._device or device
         self._logits = torch.empty(self.slots, self.num_examples, self.num_outputs,
-                                   dtype=self.dtype, device=device)
-        self._written = torch.zeros(self.slots, self.num_examples, dtype=torch.bool, device=device)
+                                   dtype=self.dtype, device=self._device or device)
 
     # ------------------------------------------------------------------ epochs
     def _advance(self, epoch: int) -> None:
         if self._epoch is not None and epoch < self._epoch:
             raise ConfigError(f"epoch went back from {self._epoch} to {epoch}; TrajectoryLoss "
                               "needs non-decreasing epochs (make a new one to restart training).")
-        if self._epoch is None or epoch > self._epoch:
-            if self._epoch is not None:
-                done = bool(self._written[self._epoch % self.slots].all())
-                self._complete = {e: c for e, c in self._complete.items() if e > epoch - self.slots}
-                self._complete[self._epoch] = done
-                self._epoch_sizes.append(self._seen)
-                if len(self._epoch_sizes) >= 2 and self._epoch_sizes[-1] != self._epoch_sizes[-2]:
-                    raise DataError(
-                        f"epoch {self._epoch} had {self._epoch_sizes[-1]} examples but the epoch "
-                        f"before had {self._epoch_sizes[-2]}: the data loader's length changed, "
-                        "so stored logits no longer line up with examples. Keep the loader fixed "
-                        "(same dataset, batch size and drop_last) for the whole run.")
-            self._epoch, self._seen = epoch, 0
-            slot = epoch % self.slots
-            self._slot_epoch[slot] = epoch
-            if self._written is not None:
-                self._written[slot].zero_()
+        if self._epoch is not None and epoch == self._epoch:
+            return
+        if self._epoch is not None:
+            self._epoch_sizes.append(self._seen)
+            if len(self._epoch_sizes) >= 2 and self._epoch_sizes[-1] != self._epoch_sizes[-2]:
+                raise DataError(
+                    f"epoch {self._epoch} had {self._epoch_sizes[-1]} examples but the epoch "
+                    f"before had {self._epoch_sizes[-2]}: the data loader's length changed, "
+                    "so stored logits no longer line up with examples. Keep the loader fixed "
+                    "(same dataset, batch size and drop_last) for the whole run.")
+            seen = self._logits[self._epoch % self.slots, :, 0]
+            self._complete = {e: c for e, c in self._complete.items() if e > epoch - self.slots}
+            self._complete[self._epoch] = not bool(seen.isnan().any())
+        self._epoch, self._seen = epoch, 0
+        self._slot_epoch[epoch % self.slots] = epoch
+        self._logits[epoch % self.slots].fill_(math.nan)
 
     def _check(self, outputs: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
         if indices is None:
@@ -192,6 +191,13 @@ class TrajectoryLoss:
                 f"outputs have shape {tuple(outputs.shape)} but TrajectoryLoss expects "
                 f"({indices.shape[0]}, {self.num_outputs}) for a batch of {indices.shape[0]} "
                 "indices; pass the logits (batch, num_outputs).")
+        # on the CPU the index ops check bounds themselves (caught in __call__); elsewhere an
+        # out-of-range index would be a device-side assert, so check first
+        if indices.device.type != "cpu" or (self._device is not None and self._device.type != "cpu"):
+            self._check_range(indices)
+        return indices
+
+    def _check_range(self, indices: torch.Tensor) -> None:
         if indices.numel():
             low, high = torch.aminmax(indices)
             low, high = int(low), int(high)
@@ -200,21 +206,17 @@ class TrajectoryLoss:
                                 f"outside [0, {self.num_examples}): TrajectoryLoss was sized for "
                                 f"{self.num_examples} examples. Build it with num_examples = the "
                                 "training-set size.")
-        return indices
 
     # ------------------------------------------------------------------ the term
     def stored_logits(self, indices: torch.Tensor, epoch: int) -> torch.Tensor | None:
         """The logits stored for ``indices`` in ``epoch`` (float32), or None if that epoch is
         no longer (or not yet) in the buffer or some of these examples were not seen in it."""
-        if self._logits is None or epoch < 0:
-            return None
-        slot = epoch % self.slots
-        if self._slot_epoch[slot] != epoch:
+        if self._logits is None or epoch < 0 or self._slot_epoch[epoch % self.slots] != epoch:
             return None
         indices = torch.as_tensor(indices, device=self._logits.device)
-        if not bool(self._written[slot].index_select(0, indices).all()):
-            return None
-        return self._logits[slot].index_select(0, indices).float()
+        self._check_range(indices)
+        logits = self._logits[epoch % self.slots].index_select(0, indices).float()
+        return None if bool(logits.isnan().any()) else logits
 
     def __call__(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> torch.Tensor:
         """Store this batch's logits for ``epoch`` and return λ τ² · mean KL against the
@@ -222,24 +224,27 @@ class TrajectoryLoss:
         indices = self._check(outputs, indices)
         if self._logits is None:
             self._allocate(outputs.device)
-        self._advance(int(epoch))
+        epoch = int(epoch)
+        self._advance(epoch)
         idx = indices.to(self._logits.device)
         self._seen += int(idx.numel())
         term = None
         past = epoch - self.lag
-        read = past % self.slots
-        if epoch >= self.start_epoch and self.weight > 0 and self._slot_epoch[read] == past:
-            teacher = self._logits[read].index_select(0, idx).to(outputs.device)
-            if self._complete.get(past, False):  # the whole epoch was seen: no mask needed
-                term = distillation_kl(teacher, outputs, self.temperature, weight=self.weight)
-            else:
-                mask = self._written[read].index_select(0, idx)
-                if bool(mask.any()):
+        try:
+            if epoch >= self.start_epoch and self.weight > 0 and self._slot_epoch[past % self.slots] == past:
+                teacher = self._logits[past % self.slots].index_select(0, idx).to(outputs.device)
+                mask = None
+                if not self._complete.get(past, False):  # some examples may be missing
+                    mask = ~teacher[:, 0].isnan()
+                    teacher = teacher.nan_to_num(0.0)
+                if mask is None or bool(mask.any()):
                     term = distillation_kl(teacher, outputs, self.temperature, mask,
                                            weight=self.weight)
-        slot = epoch % self.slots
-        self._logits[slot].index_copy_(0, idx, outputs.detach().to(self._logits.device, self.dtype))
-        self._written[slot].index_fill_(0, idx, True)
+            stored = outputs.detach().to(self._logits.device, self.dtype)
+            self._logits[epoch % self.slots].index_copy_(0, idx, stored)
+        except IndexError:
+            self._check_range(idx)
+            raise
         return outputs.new_zeros(()) if term is None else term
 
     def describe(self) -> dict:
