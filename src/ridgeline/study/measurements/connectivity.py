@@ -73,18 +73,35 @@ def _report(record: dict) -> str:
                                  for m, a in result["alignment"].items()]))
     layerwise = result.get("layerwise") or {}
     if layerwise:
-        fig, ax = new_figure(7, 3.4)
+        fig, (ax, ax_curve) = new_figure(10, 3.6, ncols=2)
         names = next(iter(layerwise.values()))["layers"]
         width = 0.8 / len(layerwise)
         for i, (label, lw) in enumerate(layerwise.items()):
             xs = [j + (i - (len(layerwise) - 1) / 2) * width for j in range(len(names))]
             ax.bar(xs, [0 if v is None else v for v in lw["barriers"]], width=width, label=label)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        top = max([v for lw in layerwise.values() for v in lw["barriers"] if v is not None] + [0.0])
+        ax.set_ylim(0, top * 1.15 if top > 0 else 0.01)
         ax.set_ylabel("barrier (train loss)")
-        ax.set_title("layer-wise barriers (only layer ℓ moves from A toward B)")
+        ax.set_title("layer-wise barriers")
         ax.legend(fontsize=8)
+        label, lw = list(layerwise.items())[-1]
+        for name, path in zip(lw["layers"], lw["paths"]):
+            alphas, losses = path["alphas"], path["losses"]
+            if any(v is None for v in losses):
+                continue
+            excess = [v - ((1 - a) * losses[0] + a * losses[-1]) for a, v in zip(alphas, losses)]
+            ax_curve.plot(alphas, excess, marker="o", ms=3, label=f"layer {name}")
+        ax_curve.axhline(0, color="grey", lw=0.8, ls="--")
+        ax_curve.set_xlabel("α (only layer ℓ moves)")
+        ax_curve.set_ylabel("L(α) − linear interpolation")
+        ax_curve.set_title(f"layer paths, {label}")
+        ax_curve.legend(fontsize=8)
         parts.append(figure_html(fig, caption="Adilova et al. (2024): barrier of the path "
-                                              "A → A + Δ_ℓ for each layer ℓ."))
+                                              "A → A + Δ_ℓ for each layer ℓ (left) and each "
+                                              "path's excess over the straight line (right); "
+                                              "a barrier of 0 means the layer's path has no "
+                                              "bump."))
     if result.get("notes"):
         parts.append("<p>" + "<br>".join(html.escape(n) for n in result["notes"]) + "</p>")
     return "".join(parts)
