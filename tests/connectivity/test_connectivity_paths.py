@@ -208,3 +208,9 @@ def test_frozen_parameters_move_along_the_path_too(pair, data):
         model[1].requires_grad_(False)
     result = interpolate(a, b, data, points=3)
     assert result.losses[1] == pytest.approx(_by_hand(a, b, 0.5, *data)[0], abs=1e-12)
+
+
+def test_an_objective_can_stand_for_model_a(pair, data):
+    a, b = pair
+    from_objective = interpolate(Objective(a, data, batch_size=10), b, points=5)
+    assert from_objective.losses == pytest.approx(interpolate(a, b, data, points=5).losses, abs=1e-12)
