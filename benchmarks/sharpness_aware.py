@@ -226,8 +226,8 @@ def timing_table(models, data, epochs, batches) -> None:
 def memory_table() -> None:
     from rich.table import Table
 
-    table = Table(title="SAF memory: (lag+1) epochs of logits plus one flag byte per example "
-                        "and slot (TrajectoryLoss.memory_bytes; nothing is allocated here)")
+    table = Table(title="SAF memory: (lag+1) epochs of N × O logits (TrajectoryLoss.memory_bytes; "
+                        "nothing is allocated here)")
     for column in ("data", "lag", "dtype", "bytes", "MiB"):
         table.add_column(column)
     for label, n, o, lag, dtype in (("MNIST-1D (4000 × 10)", 4000, 10, 3, torch.float16),

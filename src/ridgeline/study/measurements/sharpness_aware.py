@@ -44,7 +44,7 @@ class SharpnessAwareOptions(Options):
     method_options: dict[str, dict[str, Any]] = {}
     subset: int = 1000
     sharpness_rho: float = 0.5
-    tol: float = 1e-2
+    tol: float = 1e-3
 
 
 class PeakMemory:
@@ -112,9 +112,11 @@ def _curvature(model: nn.Module, data, *, rho: float, tol: float, seed: int,
     from ridgeline.objective import Objective
 
     objective = Objective(model, data, loss)
-    spectrum = top_eigenvalues(objective, k=1, tol=tol, seed=seed, vectors=False)
+    # k = 2: with k = 1 and a loose tolerance, Lanczos can stop on the second eigenvalue
+    # before the first has emerged (seen on MNIST-1D MLPs); the largest of two is robust
+    spectrum = top_eigenvalues(objective, k=2, tol=tol, seed=seed, vectors=False)
     worst = sharpness(objective, kind="worst", rho=rho, adaptive=True, norm=2, steps=20, seed=seed)
-    return {"top_eigenvalue": float(spectrum.values[0]), "sharpness": float(worst.value)}, None
+    return {"top_eigenvalue": float(spectrum.values.max()), "sharpness": float(worst.value)}, None
 
 
 def _start_epoch(method: str, options: dict) -> int:
@@ -125,7 +127,7 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
                     methods: list[str], epochs: int, lr: float, momentum: float,
                     weight_decay: float = 0.0, batch_size: int = 128, seed: int = 0,
                     loss: str = "cross_entropy", method_options: dict | None = None,
-                    subset: int = 1000, sharpness_rho: float = 0.5, tol: float = 1e-2,
+                    subset: int = 1000, sharpness_rho: float = 0.5, tol: float = 1e-3,
                     scheduler: str | None = None, progress: bool = False,
                     on_model: Callable[[str, nn.Module], dict] | None = None) -> dict:
     """Train ``build()`` with every method under one budget and measure the results.
