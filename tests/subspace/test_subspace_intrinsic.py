@@ -113,6 +113,9 @@ def test_to_dict_is_json_safe_and_plot_draws_the_threshold_line(blobs):
     ({"projection": "hadamard"}, "unknown projection"),
     ({"search": "random"}, "search must be"),
     ({"seeds": 0}, "seeds"),
+    ({"lr": []}, "lr must be"),
+    ({"lr": -0.1}, "lr must be"),
+    ({"baseline_epochs": 0}, "baseline_epochs"),
 ])
 def test_bad_options_are_rejected_before_training(blobs, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -127,3 +130,24 @@ def test_regression_targets_and_bad_model_fn_are_rejected(blobs):
         intrinsic_dimension(42, blobs, dims=[2], progress=False)
     with pytest.raises(ConfigError, match="must return a torch.nn.Module"):
         intrinsic_dimension(lambda: "mlp", blobs, dims=[2], progress=False)
+
+
+def test_several_learning_rates_keep_the_best_run_of_each(blobs):
+    kwargs = dict(dims=[3, 20], epochs=2, projection="sparse", baseline=0.9, progress=False)
+    a = intrinsic_dimension(small_mlp, blobs, lr=0.003, **kwargs)
+    b = intrinsic_dimension(small_mlp, blobs, lr=0.1, **kwargs)
+    both = intrinsic_dimension(small_mlp, blobs, lr=[0.003, 0.1], **kwargs)
+    for i in range(2):
+        best = max((a.accuracies[i][0], 0.003), (b.accuracies[i][0], 0.1), key=lambda t: t[0])
+        assert both.accuracies[i][0] == best[0]
+        assert both.learning_rates[i][0] == best[1]
+
+
+def test_a_diverging_run_counts_as_zero_accuracy_with_a_warning(blobs):
+    from ridgeline.errors import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match="diverged with lr=1e\\+30"):
+        result = intrinsic_dimension(small_mlp, blobs, dims=[20], epochs=2, optimizer="sgd",
+                                     lr=[1e30, 0.05], baseline=0.5, projection="dense",
+                                     progress=False)
+    assert result.learning_rates == ((0.05,),) and result.accuracies[0][0] > 0

@@ -31,6 +31,21 @@ def test_fwht_equals_scipy_hadamard_matrix(n):
     torch.testing.assert_close(fwht(x), expected, rtol=1e-12, atol=1e-10)
 
 
+def sylvester_reference(x: torch.Tensor) -> torch.Tensor:
+    """H_2m [a; b] = [H_m a + H_m b; H_m a − H_m b], straight from the definition."""
+    if x.shape[-1] == 1:
+        return x
+    half = x.shape[-1] // 2
+    a, b = sylvester_reference(x[..., :half]), sylvester_reference(x[..., half:])
+    return torch.cat([a + b, a - b], dim=-1)
+
+
+@pytest.mark.parametrize("n", [2**7, 2**13])
+def test_fwht_with_several_kronecker_factors_equals_the_recursive_definition(n):
+    x = torch.randn(2, n, dtype=torch.float64)
+    torch.testing.assert_close(fwht(x), sylvester_reference(x), rtol=1e-12, atol=1e-9)
+
+
 def test_fwht_twice_is_n_times_identity():
     x = torch.randn(5, 128, dtype=torch.float64)
     torch.testing.assert_close(fwht(fwht(x)), 128 * x)

@@ -17,6 +17,15 @@ def _ints(text: str, what: str) -> list[int]:
         raise ConfigError(f"{what} must be comma-separated integers, got {text!r}.") from exc
 
 
+def _floats(text: str, what: str) -> list[float]:
+    from ridgeline.errors import ConfigError
+
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}.") from exc
+
+
 def _baseline(text: str):
     from ridgeline.errors import ConfigError
 
@@ -62,9 +71,12 @@ def register(app: typer.Typer) -> None:
                                      help="'measured' (train the full model) or an accuracy, e.g. 1.0 "
                                           "for an absolute threshold."),
         optimizer: str = typer.Option("adam", "--optimizer", help="sgd, adam or adamw."),
-        lr: float = typer.Option(3e-2, "--lr", help="Learning rate of z."),
-        baseline_lr: float | None = typer.Option(None, "--baseline-lr",
-                                                    help="Learning rate of the full model."),
+        lr: str = typer.Option("0.03", "--lr",
+                               help="Learning rate(s) of z; with several the best run is kept."),
+        baseline_lr: str | None = typer.Option(None, "--baseline-lr",
+                                               help="Learning rate(s) of the full model."),
+        baseline_epochs: int | None = typer.Option(None, "--baseline-epochs",
+                                                   help="Epochs of the full model (default --epochs)."),
         batch_size: int = typer.Option(128, "--batch-size"),
         seed: int = typer.Option(0, "--seed"),
         subset: int | None = typer.Option(None, "--subset", help="Use the first N training examples."),
@@ -82,7 +94,9 @@ def register(app: typer.Typer) -> None:
                 _model_fn(model, _ints(widths, "--widths"), train_data), train_data,
                 dims=_ints(dims, "--dims"), threshold=threshold, baseline=_baseline(baseline),
                 epochs=epochs, seeds=seeds, search=search, eval_data=test_data,
-                projection=projection, optimizer=optimizer, lr=lr, baseline_lr=baseline_lr,
+                projection=projection, optimizer=optimizer, lr=_floats(lr, "--lr"),
+                baseline_lr=_floats(baseline_lr, "--baseline-lr") if baseline_lr else None,
+                baseline_epochs=baseline_epochs,
                 batch_size=batch_size, seed=seed, progress=progress_on())
         except RidgelineError as exc:
             fail(exc)

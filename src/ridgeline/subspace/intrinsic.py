@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ridgeline.errors import ConfigError, DataError
+from ridgeline.errors import ConfigError, ConvergenceWarning, DataError, NonFiniteLossError
 from ridgeline.progress import progress_bar
 from ridgeline.subspace.model import SubspaceModel
 from ridgeline.subspace.projections import PROJECTIONS
@@ -24,7 +25,7 @@ __all__ = ["intrinsic_dimension", "IntrinsicDimension", "DEFAULT_DIMS"]
 DEFAULT_DIMS = (10, 30, 100, 300, 1000, 3000)
 
 #: full-model learning rate used when ``baseline_lr`` is not given
-_FULL_MODEL_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05}
+_FULL_MODEL_LR = {"adam": 3e-3, "adamw": 3e-3, "sgd": 0.05}
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,16 @@ class IntrinsicDimension:
     baseline_accuracies : tuple of float
         Full-model accuracy per seed (empty when the baseline was given).
     losses : tuple of tuple of float
-        Final training loss per d and seed.
+        Final training loss per d and seed (``None`` where training diverged).
+    learning_rates : tuple of tuple of float
+        The learning rate kept (best accuracy) per d and seed.
+    baseline_learning_rates : tuple of float
     num_params : int
         D, the parameter count of the full model.
     projection, search, metric : str
         The projection kind, ``"grid"`` or ``"bisect"``, and which accuracy is compared
         (``"test accuracy"`` on ``eval_data`` or ``"train accuracy"``).
-    epochs, seeds : int
+    epochs, baseline_epochs, seeds : int
     seconds : float
         Wall time of the whole measurement.
     config : dict
@@ -72,12 +76,15 @@ class IntrinsicDimension:
     d_int90: int | None
     target: float
     baseline_accuracies: tuple[float, ...] = ()
-    losses: tuple[tuple[float, ...], ...] = ()
+    losses: tuple[tuple[float | None, ...], ...] = ()
+    learning_rates: tuple[tuple[float, ...], ...] = ()
+    baseline_learning_rates: tuple[float, ...] = ()
     num_params: int = 0
     projection: str = "dense"
     search: str = "grid"
     metric: str = "test accuracy"
     epochs: int = 0
+    baseline_epochs: int = 0
     seeds: int = 1
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
@@ -93,7 +100,7 @@ class IntrinsicDimension:
         percent = f"{100 * self.threshold:g} %"
         if self.baseline_kind == "measured":
             ref = (f"{percent} of the measured full-model {self.metric} {self.baseline:.4f} "
-                   f"(same optimizer budget: {self.epochs} epochs)")
+                   f"(full model {self.baseline_epochs} epochs, subspaces {self.epochs})")
         elif self.baseline == 1.0:
             ref = f"{percent} absolute {self.metric}"
         else:
@@ -107,8 +114,11 @@ class IntrinsicDimension:
                 "baseline_kind": self.baseline_kind, "baseline_accuracies": list(self.baseline_accuracies),
                 "threshold": self.threshold, "target": self.target, "d_int90": self.d_int90,
                 "basis": self.basis, "losses": [list(v) for v in self.losses],
+                "learning_rates": [list(v) for v in self.learning_rates],
+                "baseline_learning_rates": list(self.baseline_learning_rates),
                 "num_params": self.num_params, "projection": self.projection, "search": self.search,
-                "metric": self.metric, "epochs": self.epochs, "seeds": self.seeds,
+                "metric": self.metric, "epochs": self.epochs,
+                "baseline_epochs": self.baseline_epochs, "seeds": self.seeds,
                 "seconds": self.seconds, "config": dict(self.config)}
 
     def plot(self, ax=None):
@@ -139,14 +149,17 @@ def plot_intrinsic(result: dict, ax=None):
     return ax
 
 
+Rates = float | Sequence[float]
+
+
 def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any, *,
                         dims: Sequence[int] = DEFAULT_DIMS, threshold: float = 0.9,
                         baseline: str | float = "measured", epochs: int = 10, seeds: int = 1,
                         search: str = "grid", eval_data: Any = None, projection: str = "dense",
-                        optimizer: str = "adam", lr: float = 3e-2, baseline_lr: float | None = None,
-                        momentum: float = 0.9, batch_size: int = 128,
-                        loss: str = "cross_entropy", tol: float = 0.1, seed: int = 0,
-                        memory_budget: int | None = None, progress: bool = True
+                        optimizer: str = "adam", lr: Rates = 3e-2, baseline_lr: Rates | None = None,
+                        baseline_epochs: int | None = None, momentum: float = 0.9,
+                        batch_size: int = 128, loss: str = "cross_entropy", tol: float = 0.1,
+                        seed: int = 0, memory_budget: int | None = None, progress: bool = True
                         ) -> IntrinsicDimension:
     """The intrinsic dimension d_int of an objective landscape (Li et al. 2018).
 
@@ -156,10 +169,10 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any
 
         d_int = min { d : mean over seeds of a(d) ≥ threshold · baseline },
 
-    with ``baseline`` the full model's accuracy after training the same way in all its D
-    parameters (``"measured"``) or a given accuracy (a float; ``baseline=1.0,
-    threshold=0.9`` is the "90 % absolute accuracy" basis of the original code, which
-    puts MNIST's FC network at 750 against ~525 on the measured-baseline basis).
+    with ``baseline`` the full model's accuracy after training in all its D parameters
+    (``"measured"``) or a given accuracy (a float; ``baseline=1.0, threshold=0.9`` is the
+    "90 % absolute accuracy" basis of the original code, which puts MNIST's FC network at
+    750 against ~525 on the measured-baseline basis).
 
     Parameters
     ----------
@@ -172,7 +185,11 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any
         The grid of subspace dimensions, each in [1, D].
     threshold : float in (0, 1]
     baseline : "measured" or float in (0, 1]
-    epochs, batch_size, optimizer, lr, momentum : training of z (see :func:`ridgeline.train`)
+    epochs, batch_size, optimizer, momentum : training of z (see :func:`ridgeline.train`)
+    lr : float or sequence of float
+        Learning rate of z. With several, every run is repeated with each and the best
+        accuracy is kept (the question is whether the subspace *contains* a solution; the
+        best step size depends on d: with Adam the step in θ grows like lr·√d).
     seeds : int
         Repeats per d (different θ₀, P and data order); accuracies are averaged.
     search : {"grid", "bisect"}
@@ -180,11 +197,15 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any
         (geometrically, on integers) between the largest failing d below the first passing
         d and that d until hi / lo ≤ 1 + ``tol`` or hi − lo ≤ 1 (assumes a(d) increases).
     eval_data : Dataset or (inputs, targets), optional
-        Where accuracy is measured (the paper uses held-out data); default the training data.
+        Where accuracy is measured (the paper uses held-out data); default the training
+        data. Picking the best of several learning rates on it is a selection: pass a
+        validation split to keep a test split untouched.
     projection : {"dense", "sparse", "fastfood", "orthogonal"}
-    baseline_lr : float, optional
-        Learning rate of the full-model baseline; default 1e-3 for Adam/AdamW and 0.05 for
-        SGD (subspace training usually wants a larger step than the full model).
+    baseline_lr : float or sequence of float, optional
+        Learning rate(s) of the full-model baseline; default 3e-3 for Adam/AdamW and 0.05
+        for SGD (the full model wants a smaller step than z).
+    baseline_epochs : int, optional
+        Epochs of the full-model baseline (default ``epochs``).
     loss : {"cross_entropy", "mse"}
     seed : int
         Base seed: run s uses ``seed + s`` for θ₀, P and the data order.
@@ -196,63 +217,59 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any
     -------
     IntrinsicDimension
         dims, accuracies (per d, per seed), baseline, baseline_kind, threshold, target,
-        d_int90, and ``basis`` stating what the threshold is relative to.
+        d_int90, the learning rate kept per run, and ``basis`` stating what the threshold
+        is relative to. A run whose loss diverges counts as accuracy 0 (with a
+        :class:`ConvergenceWarning`).
 
     References
     ----------
     Li, Farkhoor, Liu & Yosinski (2018), "Measuring the intrinsic dimension of objective
     landscapes", ICLR.
     """
-    from ridgeline.objective import Objective
-    from ridgeline.train import coerce_tensors, train
+    from ridgeline.train import coerce_tensors
 
     began = time.perf_counter()
     grid = _check_options(dims, threshold, baseline, epochs, seeds, search, projection, tol)
-    inputs, targets, _ = coerce_tensors(data)
+    rates = _rates(lr, "lr")
+    base_rates = _rates(baseline_lr if baseline_lr is not None
+                        else _FULL_MODEL_LR.get(optimizer, rates[0]), "baseline_lr")
+    baseline_epochs = epochs if baseline_epochs is None else int(baseline_epochs)
+    if baseline_epochs < 1:
+        raise ConfigError(f"baseline_epochs must be ≥ 1, got {baseline_epochs}.")
+    targets = coerce_tensors(data)[1]
     if targets.is_floating_point():
         raise DataError("the intrinsic dimension is defined by classification accuracy; the data "
                         "has float (regression) targets. Pass integer class labels.")
     if eval_data is not None:
         coerce_tensors(eval_data, "eval_data")
-    probe = _build(model_fn, seed)
-    num_params = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    num_params = sum(p.numel() for p in _build(model_fn, seed).parameters() if p.requires_grad)
     if num_params == 0:
-        raise ConfigError(f"{type(probe).__name__} has no trainable parameters.")
+        raise ConfigError("the model has no trainable parameters.")
     if grid[-1] > num_params:
         raise ConfigError(f"dims go up to {grid[-1]} but the model has only D = {num_params} "
                           f"trainable parameters; every d must satisfy 1 ≤ d ≤ {num_params}.")
-    base_lr = baseline_lr if baseline_lr is not None else _FULL_MODEL_LR.get(optimizer, lr)
-    measure_on = eval_data if eval_data is not None else data
-    train_kw = dict(optimizer=optimizer, momentum=momentum, epochs=epochs, batch_size=batch_size,
-                    loss=loss, progress=False)
-
-    def accuracy(model: nn.Module) -> float:
-        return float(Objective(model, measure_on, loss, validate=False).loss_and_accuracy()[1])
-
-    def run(model: nn.Module, run_seed: int, rate: float) -> tuple[float, float]:
-        result = train(model, data, lr=rate, seed=run_seed, **train_kw)
-        return accuracy(model), float(result.final["train_loss"])
-
-    runs: dict[int, list[tuple[float, float]]] = {}
-    total = (seeds if baseline == "measured" else 0) + len(grid) * seeds
+    runner = _Runner(data, eval_data if eval_data is not None else data,
+                     dict(optimizer=optimizer, momentum=momentum, batch_size=batch_size, loss=loss,
+                          progress=False))
+    runs: dict[int, list[tuple[float, float | None, float]]] = {}
+    total = (seeds * len(base_rates) if baseline == "measured" else 0) + len(grid) * seeds * len(rates)
     with progress_bar(total if search == "grid" else None, "intrinsic dimension", progress) as bar:
-        baseline_accs: tuple[float, ...] = ()
+        base_runs: list[tuple[float, float | None, float]] = []
         if baseline == "measured":
-            baseline_accs = tuple(run(_build(model_fn, seed + s), seed + s, base_lr)[0]
-                                  for s in range(seeds))
-            bar.advance(seeds, info=f"baseline {sum(baseline_accs) / seeds:.3f}")
-            reference = sum(baseline_accs) / seeds
+            base_runs = [runner.best(lambda s=s: _build(model_fn, seed + s), seed + s, base_rates,
+                                     baseline_epochs, bar) for s in range(seeds)]
+            reference = sum(a for a, _, _ in base_runs) / seeds
         else:
             reference = float(baseline)
         target = threshold * reference
 
         def evaluate(d: int) -> float:
             if d not in runs:
-                runs[d] = [run(SubspaceModel(_build(model_fn, seed + s), d, projection=projection,
-                                             seed=seed + s, memory_budget=memory_budget),
-                               seed + s, lr) for s in range(seeds)]
-                bar.advance(seeds, info=f"d={d}")
-            return sum(a for a, _ in runs[d]) / seeds
+                runs[d] = [runner.best(
+                    lambda s=s: SubspaceModel(_build(model_fn, seed + s), d, projection=projection,
+                                              seed=seed + s, memory_budget=memory_budget),
+                    seed + s, rates, epochs, bar) for s in range(seeds)]
+            return sum(a for a, _, _ in runs[d]) / seeds
 
         for d in grid:
             evaluate(d)
@@ -260,18 +277,63 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any
             _bisect(evaluate, runs, target, tol)
 
     ordered = sorted(runs)
-    means = {d: sum(a for a, _ in runs[d]) / seeds for d in ordered}
+    means = {d: sum(a for a, _, _ in runs[d]) / seeds for d in ordered}
     passing = [d for d in ordered if means[d] >= target]
+
+    def column(i: int) -> tuple:
+        return tuple(tuple(run[i] for run in runs[d]) for d in ordered)
+
     return IntrinsicDimension(
-        dims=tuple(ordered), accuracies=tuple(tuple(a for a, _ in runs[d]) for d in ordered),
-        baseline=reference, baseline_kind="measured" if baseline == "measured" else "given",
+        dims=tuple(ordered), accuracies=column(0), baseline=reference,
+        baseline_kind="measured" if baseline == "measured" else "given",
         threshold=float(threshold), d_int90=passing[0] if passing else None, target=target,
-        baseline_accuracies=baseline_accs, losses=tuple(tuple(v for _, v in runs[d]) for d in ordered),
+        baseline_accuracies=tuple(a for a, _, _ in base_runs), losses=column(1),
+        learning_rates=column(2), baseline_learning_rates=tuple(r for _, _, r in base_runs),
         num_params=num_params, projection=projection, search=search,
         metric="test accuracy" if eval_data is not None else "train accuracy", epochs=epochs,
-        seeds=seeds, seconds=time.perf_counter() - began,
-        config={"optimizer": optimizer, "lr": lr, "baseline_lr": base_lr if baseline == "measured" else None,
+        baseline_epochs=baseline_epochs if baseline == "measured" else 0, seeds=seeds,
+        seconds=time.perf_counter() - began,
+        config={"optimizer": optimizer, "lr": list(rates),
+                "baseline_lr": list(base_rates) if baseline == "measured" else None,
                 "momentum": momentum, "batch_size": batch_size, "loss": loss, "seed": seed, "tol": tol})
+
+
+class _Runner:
+    """Trains a fresh model per learning rate and keeps the best held-out accuracy."""
+
+    def __init__(self, data: Any, measure_on: Any, train_kw: dict) -> None:
+        self.data, self.measure_on, self.train_kw = data, measure_on, train_kw
+
+    def best(self, make: Callable[[], nn.Module], run_seed: int, rates: Sequence[float],
+             epochs: int, bar) -> tuple[float, float | None, float]:
+        """(accuracy, final train loss, learning rate) of the best of ``rates``."""
+        from ridgeline.objective import Objective
+        from ridgeline.train import train
+
+        best: tuple[float, float | None, float] | None = None
+        for rate in rates:
+            model = make()
+            try:
+                result = train(model, self.data, lr=rate, seed=run_seed, epochs=epochs, **self.train_kw)
+                _, acc = Objective(model, self.measure_on, self.train_kw["loss"],
+                                   validate=False).loss_and_accuracy()
+                outcome = (float(acc), float(result.final["train_loss"]), float(rate))
+            except NonFiniteLossError as exc:
+                warnings.warn(f"training diverged with lr={rate} (counted as accuracy 0): {exc}",
+                              ConvergenceWarning, stacklevel=3)
+                outcome = (0.0, None, float(rate))
+            if best is None or outcome[0] > best[0]:
+                best = outcome
+            bar.advance(info=f"acc {outcome[0]:.3f}")
+        assert best is not None  # rates is never empty (checked by _rates)
+        return best
+
+
+def _rates(value: Rates, name: str) -> list[float]:
+    rates = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if not rates or any(not r > 0 for r in rates):
+        raise ConfigError(f"{name} must be a positive number or a non-empty list of them, got {value!r}.")
+    return rates
 
 
 def _bisect(evaluate: Callable[[int], float], runs: dict, target: float, tol: float) -> None:

@@ -18,8 +18,9 @@ class IntrinsicDimensionOptions(Options):
     threshold: float = 0.9
     baseline: str | float = "measured"
     optimizer: str = "adam"
-    lr: float = 3e-2
-    baseline_lr: float | None = None
+    lr: float | list[float] = 3e-2
+    baseline_lr: float | list[float] | None = None
+    baseline_epochs: int | None = None
     batch_size: int = 128
 
 
@@ -64,6 +65,7 @@ def run_intrinsic_dimension(ctx, options: IntrinsicDimensionOptions) -> dict:
         threshold=options.threshold, baseline=options.baseline, epochs=options.epochs,
         seeds=options.seeds, search=options.search, eval_data=ctx.dataset("test"),
         projection=options.projection, optimizer=options.optimizer, lr=options.lr,
-        baseline_lr=options.baseline_lr, batch_size=options.batch_size, tol=options.tol,
+        baseline_lr=options.baseline_lr, baseline_epochs=options.baseline_epochs,
+        batch_size=options.batch_size, tol=options.tol,
         seed=ctx.seed, progress=ctx.progress)
     return {**result.to_dict(), "fraction_of_parameters": _fraction(result.to_dict())}
