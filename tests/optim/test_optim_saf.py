@@ -97,10 +97,15 @@ def test_examples_missing_from_the_past_epoch_contribute_zero():
     seen = torch.randperm(N, generator=torch.Generator().manual_seed(5))[:N - 3]
     saf(table[1, seen].float(), seen, 1)
     idx = torch.arange(N)
-    value = saf(table[2].float(), idx, 2)
+    f = table[2].float().clone().requires_grad_(True)
+    value = saf(f, idx, 2)
     mask = np.isin(np.arange(N), seen.numpy()).astype(float)
     expected = _direct_kl(table[1].numpy(), table[2].numpy(), 1.5, 1.0, mask)
-    assert float(value) == pytest.approx(expected, rel=1e-5)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
+    value.backward()
+    p = softmax(table[1].numpy() / 1.5, axis=1)
+    q = softmax(table[2].numpy() / 1.5, axis=1)
+    np.testing.assert_allclose(f.grad.numpy(), 1.5 * mask[:, None] * (q - p) / N, rtol=1e-4, atol=1e-7)
 
 
 def test_bad_input_raises_clear_errors():
