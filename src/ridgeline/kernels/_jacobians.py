@@ -9,6 +9,11 @@ Internal to :mod:`ridgeline.kernels.ntk`. Two engines work on tiles of examples:
   (δ_o(x)·δ_q(x')) (a(x)·a(x')) and the (out × in) Jacobian is never formed (the
   structure nngeometry and neural-tangents' "structured derivatives" exploit).
   Every other parameter (conv, norm, embedding, ...) gets its full per-example Jacobian.
+  When every parameter sits in a linear or a 1-D/2-D convolution layer (MLPs, plain CNNs)
+  no per-example vmap is needed at all: one ``jacrev`` of the *batched* forward w.r.t. a
+  perturbation of each layer's output gives δ for every example at once (examples do not
+  interact), and a convolution's weight Jacobian is δ contracted with the unfolded input
+  patches.
 * :class:`VectorProductEngine` computes NTK-vector products: the vjps J(x_b)ᵀ e_q of the
   column examples, then ``jvp`` of the batched forward of the row examples along each of
   them, J(X_A) J(x_b)ᵀ e_q (the torch.func tutorial's second recipe).
@@ -34,11 +39,14 @@ __all__ = ["Factor", "ModelFacts", "Features", "JacobianEngine", "VectorProductE
 
 @dataclass(frozen=True)
 class Factor:
-    """A linear layer whose Jacobian is kept as δ ⊗ a (weight) and δ (bias).
+    """A layer whose Jacobian is built from δ = ∂f/∂(layer output) and the layer input a.
 
-    ``weight_scale2``/``bias_scale2`` are the squared factors multiplying W x and b in the
-    layer (1 for ``nn.Linear``; σ_w²/fan_in and σ_b² for :class:`NTKLinear`), zero when that
-    parameter is frozen or absent.
+    ``kind="linear"``: kept factored, δ ⊗ a (weight) and δ (bias); ``weight_scale2`` and
+    ``bias_scale2`` are the squared factors multiplying W a and b (1 for ``nn.Linear``;
+    σ_w²/fan_in and σ_b² for :class:`NTKLinear`), zero when that parameter is frozen or
+    absent. ``kind="conv"``: the weight Jacobian Σ_p δ_p ⊗ patch_p(a) is formed explicitly
+    (``conv`` holds kernel size, stride, padding, dilation); ``out_shape`` is the layer's
+    output shape for one example.
     """
 
     module: str
@@ -47,6 +55,11 @@ class Factor:
     bias_scale2: float
     in_features: int
     out_features: int
+    kind: str = "linear"
+    out_shape: tuple[int, ...] = ()
+    conv: tuple = ()
+    has_weight: bool = True
+    has_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,11 +75,53 @@ class ModelFacts:
     forward_flops: int
     activation_bytes: int
     itemsize: int
+    batched: bool = False
+    generic_sizes: tuple[int, ...] = ()
+
+    @property
+    def linear(self) -> tuple[Factor, ...]:
+        """The layers kept factored in the contraction."""
+        return tuple(f for f in self.factors if f.kind == "linear")
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters whose per-example Jacobian is formed explicitly (generic and conv)."""
+        conv = sum(f.in_features * f.out_features * f.has_weight + f.out_features * f.has_bias
+                   for f in self.factors if f.kind == "conv")
+        return self.generic_params + conv
+
+    @property
+    def dense_blocks(self) -> tuple[int, ...]:
+        """Widths of the dense Jacobian blocks, in the order :meth:`JacobianEngine.features`
+        makes them (generic parameters, then each convolution's weight and bias)."""
+        sizes = list(self.generic_sizes)
+        for f in self.factors:
+            if f.kind == "conv":
+                sizes += [f.in_features * f.out_features] * f.has_weight
+                sizes += [f.out_features] * f.has_bias
+        return group_sizes(sizes)
 
     @property
     def factored_features(self) -> int:
         """Numbers stored per example for the factored layers: O·out + in each."""
-        return sum(self.num_outputs * f.out_features + f.in_features for f in self.factors)
+        return sum(self.num_outputs * f.out_features + f.in_features for f in self.linear)
+
+
+#: Jacobian blocks narrower than this are concatenated into one (fewer, larger GEMMs)
+SMALL_BLOCK = 512
+
+
+def group_sizes(sizes: list[int]) -> tuple[int, ...]:
+    """Block widths after grouping: wide blocks as they are, the narrow ones joined last."""
+    small = sum(w for w in sizes if w < SMALL_BLOCK)
+    return tuple(w for w in sizes if w >= SMALL_BLOCK) + ((small,) if small else ())
+
+
+def _group(parts: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The same grouping on tensors (n, O, P_k): narrow ones concatenated (one copy)."""
+    small = [t for t in parts if t.shape[2] < SMALL_BLOCK]
+    wide = tuple(t.contiguous() for t in parts if t.shape[2] >= SMALL_BLOCK)
+    return wide + ((torch.cat(small, dim=2),) if small else ())
 
 
 # ----------------------------------------------------------------------------- checks
@@ -98,12 +153,17 @@ def check_model(model: nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
-def _linear_scales(module: nn.Module) -> tuple[float, float] | None:
-    """(weight scale, bias scale) of a linear layer whose output is c·W a + s·b."""
+def _layer_kind(module: nn.Module) -> tuple[str, tuple] | None:
+    """("linear", (weight scale, bias scale)) for a layer computing c·W a + s·b,
+    ("conv", (kernel, stride, padding, dilation)) for a plain 1-D/2-D convolution."""
     if type(module) is nn.Linear:
-        return 1.0, 1.0
+        return "linear", (1.0, 1.0)
     if type(module) is NTKLinear:
-        return module.weight_std / math.sqrt(module.in_features), module.bias_std
+        return "linear", (module.weight_std / math.sqrt(module.in_features), module.bias_std)
+    if (type(module) in (nn.Conv1d, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
+        return "conv", (tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
+                        tuple(module.dilation))
     return None
 
 
@@ -112,31 +172,60 @@ def _per_example(model: nn.Module, params: dict, buffers: dict, x: torch.Tensor)
     return functional_call(model, ({**params}, {**buffers}), (x.unsqueeze(0),)).reshape(-1)
 
 
+def _factor(name: str, module: nn.Module, kind: str, spec: tuple, calls: list) -> Factor | None:
+    """The factor of a candidate layer seen in the probe, or None to keep it generic."""
+    if len(calls) != 1:
+        return None  # called several times: keep the generic Jacobian
+    in_shape, out_shape = calls[0]
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    prefix = f"{name}." if name else ""
+    trainable = [(k, p) for k, p in (("weight", weight), ("bias", bias))
+                 if p is not None and p.requires_grad]
+    if not trainable:
+        return None
+    has_w = weight is not None and weight.requires_grad
+    has_b = bias is not None and bias.requires_grad
+    names = tuple(prefix + k for k, _ in trainable)
+    if kind == "linear":
+        if len(in_shape) != 2:
+            return None  # a linear layer on sequences: keep the generic Jacobian
+        w_scale, b_scale = spec
+        return Factor(name, names, w_scale ** 2 if has_w else 0.0, b_scale ** 2 if has_b else 0.0,
+                      int(module.in_features), int(module.out_features), has_weight=has_w,
+                      has_bias=has_b)
+    if len(in_shape) != len(spec[0]) + 2:
+        return None  # unbatched convolution input
+    patch = module.in_channels * math.prod(spec[0])
+    return Factor(name, names, 1.0 if has_w else 0.0, 1.0 if has_b else 0.0, int(patch),
+                  int(module.out_channels), kind="conv", out_shape=tuple(out_shape[1:]),
+                  conv=spec, has_weight=has_w, has_bias=has_b)
+
+
 def probe_model(model: nn.Module, params: dict[str, torch.Tensor], example: torch.Tensor
                 ) -> ModelFacts:
-    """Run the model on one example to learn its output size, which linear layers can be
+    """Run the model on one example to learn its output size, which layers can be
     factored, its forward flops and the activation memory backward keeps per example."""
     from torch.utils.flop_counter import FlopCounterMode
 
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    counts = {id(p): 0 for _, p in model.named_parameters(remove_duplicate=False)}
+    counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] += 1
-    candidates: dict[str, tuple[nn.Module, tuple[float, float]]] = {}
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    candidates: dict[str, tuple[nn.Module, str, tuple]] = {}
     for name, module in model.named_modules():
-        scales = _linear_scales(module)
+        kind = _layer_kind(module)
         own = [p for p in module._parameters.values() if p is not None]
-        if scales is not None and own and all(counts.get(id(p), 0) == 1 for p in own):
-            candidates[name] = (module, scales)
-    calls: dict[str, list[tuple[int, ...]]] = {name: [] for name in candidates}
+        if kind is not None and own and all(counts.get(id(p), 0) == 1 for p in own):
+            candidates[name] = (module, *kind)
+    calls: dict[str, list] = {name: [] for name in candidates}
 
     def recorder(name):
         def hook(module, inputs, output):
-            calls[name].append(tuple(inputs[0].shape))
+            calls[name].append((tuple(inputs[0].shape), tuple(output.shape)))
         return hook
 
     handles = [module.register_forward_hook(recorder(name))
-               for name, (module, _) in candidates.items()]
+               for name, (module, _, _) in candidates.items()]
     saved: dict[tuple[int, int], int] = {}
     param_ptrs = {p.data_ptr() for p in model.parameters()}
 
@@ -161,22 +250,12 @@ def probe_model(model: nn.Module, params: dict[str, torch.Tensor], example: torc
         raise ShapeMismatchError(
             f"the model maps a batch of 1 example to an output of shape {tuple(out.shape)}; the "
             "NTK needs one output row per example (shape (N, ...)).")
-    factors = []
-    for name, (module, (w_scale, b_scale)) in candidates.items():
-        shapes = calls[name]
-        if len(shapes) != 1 or len(shapes[0]) != 2:
-            continue  # called several times or on sequences: keep the generic Jacobian
-        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
-        prefix = f"{name}." if name else ""
-        names = tuple(prefix + k for k, p in (("weight", weight), ("bias", bias))
-                      if p is not None and p.requires_grad)
-        if not names:
-            continue
-        factors.append(Factor(
-            name, names,
-            w_scale ** 2 if weight is not None and weight.requires_grad else 0.0,
-            b_scale ** 2 if bias is not None and bias.requires_grad else 0.0,
-            int(module.in_features), int(module.out_features)))
+    factors = [f for name, (module, kind, spec) in candidates.items()
+               if (f := _factor(name, module, kind, spec, calls[name])) is not None]
+    covered = {n for f in factors for n in f.params}
+    batched = all(n in covered for n in params)
+    if not batched:  # per-example Jacobians by vmap(jacrev): convolutions stay generic there
+        factors = [f for f in factors if f.kind == "linear"]
     factored = {n for f in factors for n in f.params}
     generic = tuple(n for n in params if n not in factored)
     num_outputs = int(out[0].numel())
@@ -187,7 +266,7 @@ def probe_model(model: nn.Module, params: dict[str, torch.Tensor], example: torc
         num_params=sum(p.numel() for p in params.values()), generic=generic,
         generic_params=sum(params[n].numel() for n in generic), factors=tuple(factors),
         forward_flops=flops, activation_bytes=max(sum(saved.values()), num_outputs * itemsize),
-        itemsize=itemsize)
+        itemsize=itemsize, batched=batched, generic_sizes=tuple(params[n].numel() for n in generic))
 
 
 # ----------------------------------------------------------------------------- features
@@ -195,22 +274,25 @@ def probe_model(model: nn.Module, params: dict[str, torch.Tensor], example: torc
 class Features:
     """Per-example Jacobians of a block of examples.
 
-    ``generic`` (n, O, P_generic) holds the full Jacobian of the unfactored parameters;
-    ``deltas[k]`` (n, O, out_k) and ``acts[k]`` (n, in_k) the factors of linear layer k.
+    ``dense`` holds blocks (n, O, P_k) of the explicit Jacobian of the generic and
+    convolution parameters; ``deltas[k]`` (n, O, out_k) and ``acts[k]`` (n, in_k) the
+    factors of linear layer k.
     """
 
-    generic: torch.Tensor | None
+    dense: tuple[torch.Tensor, ...]
     deltas: tuple[torch.Tensor, ...]
     acts: tuple[torch.Tensor, ...]
 
     @property
     def size(self) -> int:
-        if self.generic is not None:
-            return int(self.generic.shape[0])
-        return int(self.acts[0].shape[0])
+        return int((self.dense + self.acts)[0].shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.dense + self.acts)[0].dtype
 
     def rows(self, start: int, stop: int) -> Features:
-        return Features(None if self.generic is None else self.generic[start:stop],
+        return Features(tuple(t[start:stop] for t in self.dense),
                         tuple(d[start:stop] for d in self.deltas),
                         tuple(a[start:stop] for a in self.acts))
 
@@ -219,37 +301,39 @@ class Features:
               ) -> Features:
         """Uninitialised storage for ``n`` examples (filled block by block)."""
         o = facts.num_outputs
-        generic = (torch.empty(n, o, facts.generic_params, dtype=dtype, device=device)
-                   if facts.generic else None)
-        return Features(generic,
+        dense = tuple(torch.empty(n, o, w, dtype=dtype, device=device) for w in facts.dense_blocks)
+        return Features(dense,
                         tuple(torch.empty(n, o, f.out_features, dtype=dtype, device=device)
-                              for f in facts.factors),
+                              for f in facts.linear),
                         tuple(torch.empty(n, f.in_features, dtype=dtype, device=device)
-                              for f in facts.factors))
+                              for f in facts.linear))
 
     def fill(self, start: int, block: Features) -> None:
         stop = start + block.size
-        if self.generic is not None:
-            self.generic[start:stop] = block.generic
-        for dst, src in zip(self.deltas + self.acts, block.deltas + block.acts):
+        for dst, src in zip(self.dense + self.deltas + self.acts,
+                            block.dense + block.deltas + block.acts):
             dst[start:stop] = src
 
 
 class _Injection:
     """Forward hooks that add a zero perturbation ε to each factored layer's output and
-    record the layer's input, so jacrev w.r.t. ε gives δ and the inputs give a."""
+    record the layer's input, so jacrev w.r.t. ε gives δ and the inputs give a.
+
+    Per-example mode (under ``vmap``) drops the batch axis of size 1 from the inputs;
+    batched mode keeps the whole batch."""
 
     def __init__(self, model: nn.Module, factors: tuple[Factor, ...]) -> None:
         modules = dict(model.named_modules())
         self.modules = [(f.module, modules[f.module]) for f in factors]
         self.eps: dict[str, torch.Tensor] | None = None
         self.acts: dict[str, torch.Tensor] = {}
+        self.batched = False
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if self.eps is None:
                 return None
-            self.acts[name] = inputs[0][0]
+            self.acts[name] = inputs[0] if self.batched else inputs[0][0]
             return output + self.eps[name]
         return hook
 
@@ -263,18 +347,40 @@ class _Injection:
                 handle.remove()
 
     @contextlib.contextmanager
-    def active(self, eps: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-        self.eps, self.acts = eps, {}
+    def active(self, eps: dict[str, torch.Tensor], *, batched: bool = False
+               ) -> Iterator[dict[str, torch.Tensor]]:
+        self.eps, self.acts, self.batched = eps, {}, batched
         try:
             yield self.acts
         finally:
             self.eps = None
 
 
-class JacobianEngine:
-    """Jacobian contraction: per-example Jacobians by ``vmap(jacrev)``, contracted per layer.
+def _conv_jacobian(factor: Factor, delta: torch.Tensor, act: torch.Tensor) -> list[torch.Tensor]:
+    """Per-example Jacobians of a convolution's weight and bias, (n, O, ·) each:
+    J_W[n, o] = Σ_p δ[n, o, :, p] ⊗ patch_p(a_n), J_b[n, o] = Σ_p δ[n, o, :, p]."""
+    n, o = delta.shape[0], delta.shape[1]
+    delta = delta.reshape(n, o, factor.out_features, -1)  # (n, O, C_out, positions)
+    parts = []
+    if factor.has_weight:
+        kernel, stride, padding, dilation = factor.conv
+        if len(kernel) == 1:  # 1-D: unfold a (n, C, 1, L) image with a (1, k) kernel
+            act = act.unsqueeze(2)
+            kernel, stride, padding, dilation = ((1, *kernel), (1, *stride), (0, *padding),
+                                                 (1, *dilation))
+        patches = torch.nn.functional.unfold(act, kernel, dilation=dilation, padding=padding,
+                                             stride=stride)  # (n, C_in·k, positions)
+        weight = torch.bmm(delta.reshape(n, o * factor.out_features, -1), patches.transpose(1, 2))
+        parts.append(weight.reshape(n, o, -1))
+    if factor.has_bias:
+        parts.append(delta.sum(-1))
+    return parts
 
-    Cost per pair of examples: O·P_generic + Σ_k (O·out_k + in_k) multiply-adds for the
+
+class JacobianEngine:
+    """Jacobian contraction: per-example Jacobians, contracted layer by layer.
+
+    Cost per pair of examples: O·P_dense + Σ_k (O·out_k + in_k) multiply-adds for the
     traced kernel (O² times the first two terms for the full one).
     """
 
@@ -286,45 +392,74 @@ class JacobianEngine:
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.injection = _Injection(model, facts.factors)
         first = next(iter(params.values()))
-        self.eps = {f.module: torch.zeros(f.out_features, dtype=first.dtype, device=first.device)
-                    for f in facts.factors}
+        self.dtype, self.device = first.dtype, first.device
 
     def _single(self, generic, eps, x):
         with self.injection.active(eps) as acts:
             out = _per_example(self.model, {**generic, **self.constant}, self.buffers, x)
         return out, tuple(acts[f.module] for f in self.facts.factors)
 
+    def _batch(self, eps, x):
+        with self.injection.active(eps, batched=True) as acts:
+            out = functional_call(self.model, ({**self.constant}, self.buffers), (x,))
+        return out.reshape(x.shape[0], -1).sum(0), tuple(acts[f.module] for f in self.facts.factors)
+
     def features(self, x: torch.Tensor) -> Features:
-        """Jacobians of the examples ``x`` (n, ...): generic part and layer factors."""
+        """Jacobians of the examples ``x`` (n, ...): dense part and linear-layer factors.
+
+        Models made only of linear and convolution layers get every δ from one ``jacrev``
+        of the batched forward (Σ_n f(x_n) w.r.t. per-example perturbations); others use
+        ``vmap(jacrev)`` over examples, w.r.t. the generic parameters and the perturbations.
+        """
         n, o = int(x.shape[0]), self.facts.num_outputs
         with self.injection.installed():
-            (jac_generic, jac_eps), acts = vmap(
-                jacrev(self._single, argnums=(0, 1), has_aux=True),
-                in_dims=(None, None, 0))(self.generic, self.eps, x)
-        generic = None
-        if self.facts.generic:
-            generic = torch.cat([jac_generic[name].reshape(n, o, -1) for name in self.facts.generic],
-                                dim=2)
-        deltas = tuple(jac_eps[f.module] for f in self.facts.factors)
-        return Features(generic, deltas, tuple(acts))
+            if self.facts.batched:
+                eps = {f.module: torch.zeros((n, *self._out_shape(f)), dtype=self.dtype,
+                                             device=self.device) for f in self.facts.factors}
+                jac_eps, acts = jacrev(self._batch, has_aux=True)(eps, x)
+                jac_eps = {k: v.transpose(0, 1).contiguous() for k, v in jac_eps.items()}  # (n, O, ...)
+                jac_generic = {}
+            else:
+                eps = {f.module: torch.zeros(self._out_shape(f), dtype=self.dtype,
+                                             device=self.device) for f in self.facts.factors}
+                (jac_generic, jac_eps), acts = vmap(
+                    jacrev(self._single, argnums=(0, 1), has_aux=True),
+                    in_dims=(None, None, 0))(self.generic, eps, x)
+        dense = [jac_generic[name].reshape(n, o, -1) for name in self.facts.generic]
+        deltas, linear_acts = [], []
+        for factor, act in zip(self.facts.factors, acts):
+            if factor.kind == "conv":
+                dense += _conv_jacobian(factor, jac_eps[factor.module], act)
+            else:
+                deltas.append(jac_eps[factor.module])
+                linear_acts.append(act)
+        return Features(_group(dense), tuple(deltas), tuple(linear_acts))
+
+    @staticmethod
+    def _out_shape(factor: Factor) -> tuple[int, ...]:
+        return factor.out_shape if factor.kind == "conv" else (factor.out_features,)
 
     def contract(self, a: Features, b: Features, *, full: bool) -> torch.Tensor:
         """Θ between two blocks: (nA, nB) summed over outputs, or (nA, nB, O, O)."""
         na, nb, o = a.size, b.size, self.facts.num_outputs
+        linear = self.facts.linear
         if full:
             tile = None
-            if a.generic is not None:
-                tile = (a.generic.reshape(na * o, -1) @ b.generic.reshape(nb * o, -1).T
-                        ).view(na, o, nb, o)
-            for factor, da, db, xa, xb in zip(self.facts.factors, a.deltas, b.deltas, a.acts,
-                                              b.acts):
+            for da, db in zip(a.dense, b.dense):
+                left, right = da.reshape(na * o, -1), db.reshape(nb * o, -1).T
+                tile = left @ right if tile is None else tile.addmm_(left, right)
+            if tile is not None:
+                tile = tile.view(na, o, nb, o)
+            for factor, da, db, xa, xb in zip(linear, a.deltas, b.deltas, a.acts, b.acts):
                 delta = (da.reshape(na * o, -1) @ db.reshape(nb * o, -1).T).view(na, o, nb, o)
                 scale = self._input_factor(factor, xa, xb)[:, None, :, None]
                 tile = delta * scale if tile is None else tile.addcmul_(delta, scale)
             return tile.permute(0, 2, 1, 3)
-        tile = a.generic.reshape(na, -1) @ b.generic.reshape(nb, -1).T if a.generic is not None \
-            else None
-        for factor, da, db, xa, xb in zip(self.facts.factors, a.deltas, b.deltas, a.acts, b.acts):
+        tile = None
+        for da, db in zip(a.dense, b.dense):
+            left, right = da.reshape(na, -1), db.reshape(nb, -1).T
+            tile = left @ right if tile is None else tile.addmm_(left, right)
+        for factor, da, db, xa, xb in zip(linear, a.deltas, b.deltas, a.acts, b.acts):
             delta = da.reshape(na, -1) @ db.reshape(nb, -1).T
             scale = self._input_factor(factor, xa, xb)
             tile = delta * scale if tile is None else tile.addcmul_(delta, scale)

@@ -20,8 +20,14 @@ __all__ = ["NTKPlan", "make_plan", "parse_bytes", "default_budget", "format_byte
 
 #: largest tile side chosen automatically (bigger tiles gain little matmul efficiency)
 MAX_AUTO_CHUNK = 1024
+#: largest number of examples whose Jacobians are computed at once when all are kept
+MAX_JACOBIAN_CHUNK = 4096
 #: smallest tile side at which holding every example's Jacobian beats recomputing them
 MIN_RESIDENT_CHUNK = 64
+#: a symmetric kernel is split into at least this many tiles per side (when tiles stay
+#: ≥ SYMMETRIC_TILE examples) so that only the (T + 1)/2T on and above the diagonal are computed
+SYMMETRIC_TILES = 8
+SYMMETRIC_TILE = 128
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -81,6 +87,9 @@ class NTKPlan:
         otherwise the column Jacobians are recomputed for each row tile.
     tangent_chunk : int
         NTK-vector products only: tangents pushed through ``jvp`` at once.
+    jacobian_chunk : int
+        Examples whose Jacobians are computed at once (larger than ``chunk_size`` when
+        every Jacobian is kept and the budget allows).
     estimated_bytes, memory_budget, output_bytes : int
         Peak memory estimate (output included), the budget, and the output alone.
     estimated_flops : dict
@@ -91,6 +100,7 @@ class NTKPlan:
     chunk_size: int
     resident: bool
     tangent_chunk: int
+    jacobian_chunk: int
     estimated_bytes: int
     memory_budget: int
     output_bytes: int
@@ -118,8 +128,8 @@ class _Model:
         o, s = facts.num_outputs, facts.itemsize
         self.o, self.s = o, s
         self.output = n1 * n2 * (o * o if full else 1) * s
-        self.feature = (o * facts.generic_params + facts.factored_features) * s  # per example
-        self.jac_work = (o + 1) * facts.activation_bytes + o * facts.generic_params * s + self.feature
+        self.feature = (o * facts.dense_params + facts.factored_features) * s  # per example
+        self.jac_work = (o + 1) * facts.activation_bytes + o * facts.dense_params * s + self.feature
         self.full_jac = o * facts.num_params * s  # per example, nothing factored
 
     def _pairs(self, c: int) -> float:
@@ -128,10 +138,18 @@ class _Model:
     def contraction_work(self, c: int) -> int:
         return c * c * self.s * (2 * self.o * self.o + 1 if self.full else 3)
 
-    def jacobian_bytes(self, c: int, resident: bool) -> int:
+    def held(self) -> int:
+        return (self.n1 + (0 if self.sym else self.n2)) * self.feature
+
+    def jacobian_chunk(self, c: int, budget: int) -> int:
+        """Examples per Jacobian computation when all are kept: as many as fit, ≥ c."""
+        room = (budget - self.output - self.held()) // max(1, self.jac_work)
+        return int(max(c, min(max(self.n1, self.n2), MAX_JACOBIAN_CHUNK, room)))
+
+    def jacobian_bytes(self, c: int, resident: bool, jac_chunk: int | None = None) -> int:
         if resident:
-            held = (self.n1 + (0 if self.sym else self.n2)) * self.feature
-            return self.output + held + max(c * self.jac_work, self.contraction_work(c))
+            return self.output + self.held() + max((jac_chunk or c) * self.jac_work,
+                                                   self.contraction_work(c))
         return self.output + c * self.feature + max(c * self.jac_work,
                                                     c * self.feature + self.contraction_work(c))
 
@@ -144,8 +162,8 @@ class _Model:
             tiles = math.ceil(self.n1 / c)
             jacobians = self.n1 + (self.n1 * (tiles + 1) / 2 if self.sym else tiles * self.n2)
         factored = sum(f2.out_features * (o * o if self.full else o) + f2.in_features
-                       for f2 in f.factors)
-        per_pair = 2 * ((o * o if self.full else o) * f.generic_params + factored)
+                       for f2 in f.linear)
+        per_pair = 2 * ((o * o if self.full else o) * f.dense_params + factored)
         return jacobians * per_jac + self._pairs(c) * per_pair
 
     def vp_fixed(self, c: int) -> int:
@@ -213,24 +231,28 @@ def make_plan(facts: ModelFacts, n1: int, n2: int, *, symmetric: bool, full: boo
     """Choose method, tile size and residency so the estimated peak stays under budget."""
     m = _Model(facts, n1, n2, symmetric, full)
     upper = min(max(n1, n2), MAX_AUTO_CHUNK)
+    if symmetric:
+        upper = min(upper, max(SYMMETRIC_TILE, math.ceil(n1 / SYMMETRIC_TILES)))
     methods = ("jacobian", "ntk_vp") if method == "auto" else (method,)
     options: dict[str, tuple] = {}
     if "jacobian" in methods:
         choice = _jacobian_choice(m, memory_budget, chunk_size, upper)
         if choice is not None:
             c, resident = choice
+            jac_chunk = m.jacobian_chunk(c, memory_budget) if resident else c
             options["jacobian"] = (m.jacobian_flops(c, resident), c, resident, 0,
-                                   m.jacobian_bytes(c, resident))
+                                   m.jacobian_bytes(c, resident, jac_chunk), jac_chunk)
     if "ntk_vp" in methods:
         choice = _vp_choice(m, memory_budget, chunk_size, upper)
         if choice is not None:
             c, t = choice
-            options["ntk_vp"] = (m.vp_flops(c), c, False, t, m.vp_bytes(c, t))
+            options["ntk_vp"] = (m.vp_flops(c), c, False, t, m.vp_bytes(c, t), c)
     if not options:
         raise MemoryBudgetError(_over_budget(m, methods, memory_budget, chunk_size, upper))
     chosen = min(options, key=lambda k: options[k][0])
-    flops, c, resident, t, need = options[chosen]
+    flops, c, resident, t, need, jac_chunk = options[chosen]
     return NTKPlan(method=chosen, chunk_size=c, resident=resident, tangent_chunk=t,
+                   jacobian_chunk=jac_chunk,
                    estimated_bytes=int(need), memory_budget=int(memory_budget),
                    output_bytes=int(m.output),
                    estimated_flops={k: float(v[0]) for k, v in options.items()},

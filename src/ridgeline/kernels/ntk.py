@@ -194,8 +194,7 @@ def _features(engine: JacobianEngine, x: torch.Tensor, c: int) -> Features:
     for start in range(0, n, c):
         block = engine.features(x[start:start + c])
         if store is None:
-            dtype = (block.generic if block.generic is not None else block.acts[0]).dtype
-            store = Features.empty(n, engine.facts, dtype=dtype, device=x.device)
+            store = Features.empty(n, engine.facts, dtype=block.dtype, device=x.device)
         store.fill(start, block)
     return store
 
@@ -203,8 +202,8 @@ def _features(engine: JacobianEngine, x: torch.Tensor, c: int) -> Features:
 def _run_jacobian(engine, kernel, x1, x2, plan, pairs, symmetric, full, bar) -> None:
     c = plan.chunk_size
     if plan.resident:
-        rows = _features(engine, x1, c)
-        cols = rows if symmetric else _features(engine, x2, c)
+        rows = _features(engine, x1, plan.jacobian_chunk)
+        cols = rows if symmetric else _features(engine, x2, plan.jacobian_chunk)
         for i, j in pairs:
             tile = engine.contract(rows.rows(i, i + c), cols.rows(j, j + c), full=full)
             _write(kernel, tile, i, j, symmetric, full)
