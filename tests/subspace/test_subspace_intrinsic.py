@@ -122,6 +122,14 @@ def test_bad_options_are_rejected_before_training(blobs, kwargs, match):
         intrinsic_dimension(small_mlp, blobs, **{"epochs": 1, "progress": False, **kwargs})
 
 
+def test_dense_projection_over_the_memory_budget_fails_before_training(blobs):
+    from ridgeline.errors import MemoryBudgetError
+
+    with pytest.raises(MemoryBudgetError, match="d = 80 needs"):
+        intrinsic_dimension(small_mlp, blobs, dims=[2, 80], projection="dense",
+                            memory_budget=1000, progress=False)
+
+
 def test_regression_targets_and_bad_model_fn_are_rejected(blobs):
     x = torch.randn(10, 6)
     with pytest.raises(DataError, match="classification accuracy"):
@@ -151,3 +159,21 @@ def test_a_diverging_run_counts_as_zero_accuracy_with_a_warning(blobs):
                                      lr=[1e30, 0.05], baseline=0.5, projection="dense",
                                      progress=False)
     assert result.learning_rates == ((0.05,),) and result.accuracies[0][0] > 0
+
+
+@pytest.mark.slow
+def test_d_int90_on_digits_varies_little_with_width():
+    """Li et al. (2018): once a network solves the task, d_int90 barely depends on its size."""
+    train, test = digits("train"), digits("test")
+    found = {}
+    for widths in ([32, 32], [128, 128]):
+        result = intrinsic_dimension(lambda widths=widths: mlp(64, widths, 10), train,
+                                     eval_data=test, dims=[30, 100, 300, 1000], epochs=15,
+                                     lr=[1e-2, 3e-2], baseline_lr=[3e-3, 1e-2], baseline_epochs=30,
+                                     projection="fastfood", search="bisect", tol=0.2,
+                                     progress=False)
+        found[result.num_params] = result.d_int90
+    (small_d, small), (large_d, large) = sorted(found.items())
+    assert large_d / small_d > 7
+    assert small is not None and large is not None
+    assert 1 / 2 <= large / small <= 2

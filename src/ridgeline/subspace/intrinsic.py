@@ -14,10 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ridgeline.errors import ConfigError, ConvergenceWarning, DataError, NonFiniteLossError
+from ridgeline.errors import (
+    ConfigError,
+    ConvergenceWarning,
+    DataError,
+    MemoryBudgetError,
+    NonFiniteLossError,
+)
 from ridgeline.progress import progress_bar
 from ridgeline.subspace.model import SubspaceModel
-from ridgeline.subspace.projections import PROJECTIONS
+from ridgeline.subspace.projections import PROJECTIONS, projection_bytes
 
 __all__ = ["intrinsic_dimension", "IntrinsicDimension", "DEFAULT_DIMS"]
 
@@ -248,6 +254,12 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any
     if grid[-1] > num_params:
         raise ConfigError(f"dims go up to {grid[-1]} but the model has only D = {num_params} "
                           f"trainable parameters; every d must satisfy 1 ≤ d ≤ {num_params}.")
+    needed = projection_bytes(projection, num_params, grid[-1])
+    if memory_budget is not None and needed > memory_budget:
+        raise MemoryBudgetError(
+            f"the {projection} projection for d = {grid[-1]} needs {needed / 2**20:.1f} MiB, over "
+            f"the memory budget of {memory_budget / 2**20:.1f} MiB; use projection='fastfood' or "
+            "'sparse', smaller dims, or a larger memory_budget.")
     runner = _Runner(data, eval_data if eval_data is not None else data,
                      dict(optimizer=optimizer, momentum=momentum, batch_size=batch_size, loss=loss,
                           progress=False))
