@@ -19,8 +19,8 @@ Peers
   (see docs/kernels.md for the install), on the same inputs and weights saved to an .npz;
   its traced kernel averages over outputs and is multiplied by O here.
 
-Time: the best wall time of ``--repeats`` calls (one call for N ≥ 1024): on a shared machine
-other processes only add time. JAX compilation is excluded. Memory: peak resident-set
+Time: the median wall time of ``--repeats`` calls (one call for N ≥ 1024), after a first
+call that measures memory and warms up; JAX compilation is excluded. Memory: peak resident-set
 growth of the process during one extra call made first (Linux ``VmHWM`` after resetting it
 through ``/proc/self/clear_refs``, minus the RSS before the call, with glibc set to return
 freed memory so the RSS follows allocations) — it includes the output. A peer whose time at the next size,
@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,10 +105,9 @@ def peak_memory(fn: Callable[[], object]) -> tuple[int, object]:
 
 
 def measure(fn: Callable[[], object], *, repeats: int, warmup: int) -> tuple[float, int, object]:
-    """(best seconds over ``repeats`` timed calls, peak RSS growth of one more call, result).
+    """(median seconds over ``repeats`` timed calls, peak RSS growth of one more call, result).
 
-    The best (minimum) of the repeats, as the ``timeit`` module advises: on a shared machine
-    other processes only ever add time. The memory call comes first and doubles as warm-up."""
+    The memory call comes first and doubles as the warm-up."""
     peak, result = peak_memory(fn)
     for _ in range(warmup):
         result = None
@@ -118,7 +118,7 @@ def measure(fn: Callable[[], object], *, repeats: int, warmup: int) -> tuple[flo
         began = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - began)
-    return min(times), peak, result
+    return statistics.median(times), peak, result
 
 
 def gib(n: float) -> str:
@@ -271,7 +271,7 @@ out = np.asarray(out)
 if args["kind"] == "trace":
     out = out * args["outputs"]  # neural-tangents averages over trace axes
 np.save(args["out"], out)
-print(json.dumps({"seconds": float(min(times)), "peak": int(peak), "jax": jax.__version__,
+print(json.dumps({"seconds": float(np.median(times)), "peak": int(peak), "jax": jax.__version__,
                   "nt": getattr(nt, "__version__", "?")}))
 '''
 
@@ -288,7 +288,11 @@ def run_neural_tangents(python: str, model, name: str, x, kind: str, repeats: in
     done = subprocess.run([python, "-c", NT_SCRIPT, json.dumps(args)], capture_output=True,
                           text=True, timeout=1800)
     if done.returncode != 0:
-        raise Skip("neural-tangents failed: " + done.stderr.strip().splitlines()[-1][:160])
+        lines = done.stderr.strip().splitlines() or ["(no message)"]
+        errors = [line for line in lines if "Error" in line or "RESOURCE_EXHAUSTED" in line]
+        if done.returncode < 0:
+            errors.append(f"killed by signal {-done.returncode} (out of memory?)")
+        raise Skip("neural-tangents failed: " + (errors or lines)[-1][:160])
     info = json.loads(done.stdout.strip().splitlines()[-1])
     kernel = torch.from_numpy(np.load(out))
     out.unlink()
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                     bench.case(name, models[name], x, y, kind, nng_cache)
     finally:
         shutil.rmtree(bench.workdir, ignore_errors=True)
-    print_table("Empirical NTK (time: best of repeats; peak RSS Δ: growth of resident memory "
+    print_table("Empirical NTK (time: median of repeats; peak RSS Δ: growth of resident memory "
                 "during the call)", bench.rows)
     if args.large:
         _large()

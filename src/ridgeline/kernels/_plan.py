@@ -22,6 +22,8 @@ __all__ = ["NTKPlan", "make_plan", "parse_bytes", "default_budget", "format_byte
 MAX_AUTO_CHUNK = 1024
 #: largest number of examples whose Jacobians are computed at once when all are kept
 MAX_JACOBIAN_CHUNK = 4096
+#: estimates are multiplied by this (allocator slack, small temporaries not modelled)
+MARGIN = 1.1
 #: smallest tile side at which holding every example's Jacobian beats recomputing them
 MIN_RESIDENT_CHUNK = 64
 #: a symmetric kernel is split into at least this many tiles per side (when tiles stay
@@ -129,29 +131,34 @@ class _Model:
         self.o, self.s = o, s
         self.output = n1 * n2 * (o * o if full else 1) * s
         self.feature = (o * facts.dense_params + facts.factored_features) * s  # per example
-        self.jac_work = (o + 1) * facts.activation_bytes + o * facts.dense_params * s + self.feature
+        # backward keeps the activations and O cotangents of them; the raw Jacobians and
+        # their regrouped/contiguous copies
+        self.jac_work = (o + 1) * facts.activation_bytes + 2 * self.feature
         self.full_jac = o * facts.num_params * s  # per example, nothing factored
 
     def _pairs(self, c: int) -> float:
         return self.n1 * (self.n1 + c) / 2 if self.sym else self.n1 * self.n2
 
     def contraction_work(self, c: int) -> int:
-        return c * c * self.s * (2 * self.o * self.o + 1 if self.full else 3)
+        """One tile, a layer's δ product, its input factor, and the symmetrised copy."""
+        return c * c * self.s * (3 * self.o * self.o + 1 if self.full else 4)
 
     def held(self) -> int:
         return (self.n1 + (0 if self.sym else self.n2)) * self.feature
 
     def jacobian_chunk(self, c: int, budget: int) -> int:
         """Examples per Jacobian computation when all are kept: as many as fit, ≥ c."""
-        room = (budget - self.output - self.held()) // max(1, self.jac_work)
+        room = (budget / MARGIN - self.output - self.held()) // max(1, self.jac_work)
         return int(max(c, min(max(self.n1, self.n2), MAX_JACOBIAN_CHUNK, room)))
 
     def jacobian_bytes(self, c: int, resident: bool, jac_chunk: int | None = None) -> int:
         if resident:
-            return self.output + self.held() + max((jac_chunk or c) * self.jac_work,
+            need = self.output + self.held() + max((jac_chunk or c) * self.jac_work,
                                                    self.contraction_work(c))
-        return self.output + c * self.feature + max(c * self.jac_work,
-                                                    c * self.feature + self.contraction_work(c))
+        else:
+            need = self.output + c * self.feature + max(c * self.jac_work,
+                                                        c * self.feature + self.contraction_work(c))
+        return int(MARGIN * need)
 
     def jacobian_flops(self, c: int, resident: bool) -> float:
         f, o = self.f, self.o
@@ -174,11 +181,11 @@ class _Model:
 
     def vp_bytes(self, c: int, t: int) -> int:
         jac_work = c * ((self.o + 1) * self.f.activation_bytes + self.full_jac)
-        return self.vp_fixed(c) + max(jac_work, t * self.vp_per_tangent(c))
+        return int(MARGIN * (self.vp_fixed(c) + max(jac_work, t * self.vp_per_tangent(c))))
 
     def vp_tangents(self, c: int, budget: int) -> int:
-        room = budget - self.vp_fixed(c)
-        return max(1, min(c * self.o, room // max(1, self.vp_per_tangent(c))))
+        room = budget / MARGIN - self.vp_fixed(c)
+        return int(max(1, min(c * self.o, room // max(1, self.vp_per_tangent(c)))))
 
     def vp_flops(self, c: int) -> float:
         f, o = self.f, self.o

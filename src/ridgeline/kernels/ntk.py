@@ -179,7 +179,7 @@ def _write(kernel: torch.Tensor, tile: torch.Tensor, i: int, j: int, symmetric: 
     na, nb = tile.shape[0], tile.shape[1]
     transpose = (lambda t: t.permute(1, 0, 3, 2)) if full else (lambda t: t.T)
     if symmetric and i == j:
-        tile = (tile + transpose(tile)) / 2
+        tile = (tile + transpose(tile)).mul_(0.5)
     kernel[i:i + na, j:j + nb] = tile
     if symmetric and i != j:
         kernel[j:j + nb, i:i + na] = transpose(tile)
