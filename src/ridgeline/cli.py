@@ -147,7 +147,10 @@ def train_command(
         options = {}
         for item in option:
             key, _, value = item.partition("=")
-            options[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value  # a plain string such as float16 or local
         result = train(net, train_data, optimizer=optimizer, lr=lr, momentum=momentum,
                        weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, seed=seed,
                        eval_data=test_data, progress=progress_on(), **options)
