@@ -122,6 +122,8 @@ class Objective:
                 raise DataError("data is empty: it needs at least one example.")
         if validate:
             self._validate()
+        if distributed.is_distributed():
+            self._check_same_data_on_every_rank()
 
     # ----------------------------------------------------------------- parameters
     @property
@@ -347,6 +349,14 @@ class Objective:
             raise ShapeMismatchError(
                 f"the loss must return a scalar (the batch mean), but it returned {shape}. "
                 "Reduce it with .mean() over the batch.")
+
+    def _check_same_data_on_every_rank(self) -> None:
+        """Every process must hold the whole, identical dataset (each evaluates its share)."""
+        distributed.check_consistent(self.num_examples, "the dataset size")
+        if self._tensors is not None:
+            inputs, targets = self._tensors
+            checksum = float(inputs.double().sum()) + 1e-3 * float(targets.double().sum())
+            distributed.check_consistent(checksum, "the dataset checksum")
 
     def _targets_to_device(self, targets: torch.Tensor) -> torch.Tensor:
         return targets.to(self.device)

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ridgeline.errors import ArchitectureMismatchError, ConfigError, ShapeMismatchError
+from ridgeline.errors import (ArchitectureMismatchError, ConfigError, DistributedError,
+                              ShapeMismatchError)
 
 Params = dict[str, torch.Tensor]
 
@@ -101,9 +102,18 @@ def check_same_structure(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Te
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator from a seed (``None`` draws a fresh seed), or the generator itself."""
+    """A generator from a seed (``None`` draws a fresh seed), or the generator itself.
+
+    Under torch.distributed every rank must pass the same integer seed (checked)."""
     if isinstance(seed, torch.Generator):
         return seed
+    from ridgeline import distributed
+
+    if seed is None and distributed.is_distributed():
+        raise DistributedError("seed=None draws a different random seed on every process; under "
+                               "torch.distributed pass an integer seed so all ranks agree.")
+    if seed is not None:
+        distributed.check_consistent(int(seed), "seed")
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()

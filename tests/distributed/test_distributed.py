@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.filterwarnings("ignore::ridgeline.errors.ConvergenceWarning")]
 
 WORKER = Path(__file__).with_name("worker.py")
 sys.path.insert(0, str(WORKER.parent))
@@ -44,3 +45,8 @@ def test_two_processes_equal_one(tmp_path, dtype, tol):
         want = torch.tensor(expected, dtype=torch.float64)
         scale = max(1.0, float(want.abs().max()))
         assert torch.allclose(got, want, atol=tol * scale, rtol=0), (name, got, want)
+
+
+def test_ranks_with_different_data_are_refused(tmp_path):
+    error = launch(tmp_path, "mismatch")["error"]
+    assert "the dataset size differs between processes" in error

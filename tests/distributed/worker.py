@@ -54,13 +54,45 @@ def _register_instrument_checks() -> None:
     if curvature is not None and hasattr(curvature, "top_eigenvalues"):
         EXTRA_CHECKS["top_eigenvalues"] = lambda o: curvature.top_eigenvalues(
             o, k=2, tol=1e-8, seed=0).values.tolist()
+    from ridgeline import connectivity
+
+    def path_losses(objective):
+        torch.manual_seed(1)
+        from ridgeline.models import mlp
+
+        other = mlp(4, [6], 3, activation="tanh").to(objective.dtype)
+        result = connectivity.interpolate(objective, other, points=5)
+        return [float(v) for v in result.losses]
+
+    EXTRA_CHECKS["path_losses"] = path_losses
     if curvature is not None and hasattr(curvature, "trace"):
         EXTRA_CHECKS["trace"] = lambda o: [float(curvature.trace(
             o, method="hutchinson", max_matvecs=20, rtol=1e-12, seed=0).value)]
 
 
+def mismatched(path: str) -> None:
+    """Rank 1 holds fewer examples: the Objective must refuse before any work."""
+    from ridgeline.errors import DistributedError
+
+    model, data = problem(torch.float64)
+    if distributed.rank() == 1:
+        data = data.subset(30)
+    try:
+        Objective(model, data, batch_size=8)
+        message = "no error"
+    except DistributedError as exc:
+        message = str(exc)
+    if distributed.is_main_process():
+        with open(path, "w") as handle:
+            json.dump({"error": message}, handle)
+
+
 def main(path: str, dtype_name: str) -> None:
     dist.init_process_group("gloo")
+    if dtype_name == "mismatch":
+        mismatched(path)
+        dist.destroy_process_group()
+        return
     _register_instrument_checks()
     dtype = getattr(torch, dtype_name)
     model, data = problem(dtype)
