@@ -7,8 +7,14 @@ import torch
 
 from ridgeline.errors import ArchitectureMismatchError, ConfigError, ShapeMismatchError
 from ridgeline.models import cnn1d, mlp
-from ridgeline.params import (check_same_structure, flatten, lerp, named_parameters,
-                              random_direction, unflatten)
+from ridgeline.params import (
+    check_same_structure,
+    flatten,
+    lerp,
+    named_parameters,
+    random_direction,
+    unflatten,
+)
 
 
 def test_flatten_unflatten_round_trip():

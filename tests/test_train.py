@@ -9,8 +9,12 @@ import torch
 
 import ridgeline
 from ridgeline.data import gaussian_mixture
-from ridgeline.errors import (ArchitectureMismatchError, CheckpointError, ConfigError,
-                              NonFiniteLossError)
+from ridgeline.errors import (
+    ArchitectureMismatchError,
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+)
 from ridgeline.models import mlp
 
 

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -35,7 +34,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch.set_num_threads."),
+    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads."),
 ) -> None:
     if quiet:
         os.environ["RIDGELINE_QUIET"] = "1"
@@ -57,9 +56,9 @@ def fail(error: Exception) -> None:
 
 @app.command()
 def study(
-    config: Optional[Path] = typer.Argument(None, help="Study TOML (default: the built-in study)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<name>)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A preset of the config: quick or full."),
+    config: Path | None = typer.Argument(None, help="Study TOML (default: the built-in study)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<name>)."),
+    preset: str | None = typer.Option(None, "--preset", help="A preset of the config: quick or full."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing report.html."),
 ) -> None:
     """Run (or resume) a study and write results.jsonl, checkpoints and report.html."""
@@ -94,7 +93,7 @@ def report(run_dir: Path = typer.Argument(..., help="A study's run directory."))
     typer.echo(f"report: {write_report(run_dir).resolve()}")
 
 
-def load_data(name: str, split: str = "train", subset: Optional[int] = None):
+def load_data(name: str, split: str = "train", subset: int | None = None):
     """A built-in dataset by name, or an ``.npz`` with arrays ``x`` and ``y``."""
     import numpy as np
     import torch

@@ -222,7 +222,7 @@ class Objective:
             value = fn(batch.inputs, batch.targets)
             if check is not None:
                 check(value, batch)
-            weighted = tree_map(lambda t: t * batch.size, value)
+            weighted = tree_map(lambda t, n=batch.size: t * n, value)
             total = weighted if total is None else tree_map(torch.add, total, weighted)
             count += batch.size
         if total is None:  # this rank got no batch

@@ -11,8 +11,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ridgeline.errors import (ArchitectureMismatchError, ConfigError, DistributedError,
-                              ShapeMismatchError)
+from ridgeline.errors import (
+    ArchitectureMismatchError,
+    ConfigError,
+    DistributedError,
+    ShapeMismatchError,
+)
 
 Params = dict[str, torch.Tensor]
 

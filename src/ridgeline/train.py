@@ -22,8 +22,13 @@ from torch import nn
 
 from ridgeline._version import __version__
 from ridgeline.data.dataset import Dataset
-from ridgeline.errors import (ArchitectureMismatchError, CheckpointError, ConfigError, DataError,
-                              NonFiniteLossError)
+from ridgeline.errors import (
+    ArchitectureMismatchError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+)
 from ridgeline.losses import LossFn, resolve_loss
 from ridgeline.progress import progress_bar
 

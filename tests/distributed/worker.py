@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ridgeline import Objective, distributed
-from ridgeline.params import flatten, random_direction, unflatten
+from ridgeline.params import flatten, random_direction
 
 
 def problem(dtype: torch.dtype):

@@ -3,7 +3,12 @@
 from ridgeline.study.config import StudyConfig, config_from_dict, load_config
 from ridgeline.study.context import StudyContext
 from ridgeline.study.figures import figure_html, new_figure, table_html
-from ridgeline.study.registry import Options, get_measurement, measurement_kinds, register_measurement
+from ridgeline.study.registry import (
+           Options,
+           get_measurement,
+           measurement_kinds,
+           register_measurement,
+)
 from ridgeline.study.report import render_report, write_report
 from ridgeline.study.runner import run_study
 from ridgeline.study.store import ResultStore

@@ -42,7 +42,7 @@ class StudyContext:
     def model_names(self) -> list[str]:
         return [m.name for m in self.config.models]
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one context per study run
+    @functools.cache  # noqa: B019 - one context per study run
     def dataset(self, split: str = "train") -> Dataset:
         """The study's dataset split (``"train"`` or ``"test"``), subset as configured."""
         cfg = self.config.data
