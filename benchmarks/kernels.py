@@ -23,8 +23,11 @@ Time: the median wall time of ``--repeats`` calls (one call for N ≥ 1024), aft
 call that measures memory and warms up; JAX compilation is excluded. Memory: peak resident-set
 growth of the process during one extra call made first (Linux ``VmHWM`` after resetting it
 through ``/proc/self/clear_refs``, minus the RSS before the call, with glibc set to return
-freed memory so the RSS follows allocations) — it includes the output. A peer whose time at the next size,
-projected from the smaller one by N², exceeds ``--max-seconds`` is skipped and says so.
+freed memory so the RSS follows allocations) — it includes the output. Every torch peer first runs once at
+``--probe-n`` examples (not shown); a peer whose time at a size, projected from the last
+size it ran at by N², exceeds ``--max-seconds`` is skipped and says so (as is a torch.func
+recipe whose memory by its known formula, or a neural-tangents full kernel whose memory
+projected by N², exceeds ``--max-memory``).
 """
 
 from __future__ import annotations
@@ -107,8 +110,12 @@ def peak_memory(fn: Callable[[], object]) -> tuple[int, object]:
 def measure(fn: Callable[[], object], *, repeats: int, warmup: int) -> tuple[float, int, object]:
     """(median seconds over ``repeats`` timed calls, peak RSS growth of one more call, result).
 
-    The memory call comes first and doubles as the warm-up."""
+    The memory call comes first and doubles as the warm-up; a call slower than 2 s is
+    timed once."""
+    began = time.perf_counter()
     peak, result = peak_memory(fn)
+    if time.perf_counter() - began > 2.0:
+        repeats = 1
     for _ in range(warmup):
         result = None
         result = fn()
@@ -319,30 +326,39 @@ class Bench:
         self.args = args
         self.max_memory = args.max_memory * 2 ** 30
         self.rows: list[Row] = []
-        self.last: dict[tuple, tuple[int, float]] = {}
+        self.last: dict[tuple, tuple[int, float, int]] = {}
+        self.probing = False
         self.workdir = Path(tempfile.mkdtemp(prefix="ridgeline-ntk-bench-"))
         self.nt_python = args.neural_tangents_python
 
+    def add(self, row: Row) -> None:
+        if not self.probing:
+            self.rows.append(row)
+
     def peer(self, case: str, label: str, key: tuple, n: int, run: Callable[[], tuple],
-             reference: torch.Tensor, memory_need: float | None = None) -> None:
+             reference: torch.Tensor, memory_need: float | None = None,
+             project_memory: bool = False) -> None:
         if key in self.last:
-            n0, t0 = self.last[key]
+            n0, t0, peak0 = self.last[key]
             guess = t0 * (n / n0) ** 2
             if guess > self.args.max_seconds:
-                self.rows.append(Row(case, label, None, f"skipped: projected {guess:.0f} s from "
-                                     f"N={n0} (N² scaling) > --max-seconds"))
+                self.add(Row(case, label, None, f"skipped: projected {guess:.0f} s from "
+                             f"N={n0} (N² scaling) > --max-seconds"))
+                return
+            if project_memory and "full" in case and peak0 * (n / n0) ** 2 > self.max_memory:
+                self.add(Row(case, label, None, f"skipped: projected {gib(peak0 * (n / n0) ** 2)}"
+                             f" from N={n0} (N² scaling) > --max-memory"))
                 return
         if memory_need is not None and memory_need > self.max_memory:
-            self.rows.append(Row(case, label, None,
-                                 f"skipped: needs {gib(memory_need)} > --max-memory"))
+            self.add(Row(case, label, None, f"skipped: needs {gib(memory_need)} > --max-memory"))
             return
         try:
             seconds, peak, kernel = run()
         except Skip as exc:
-            self.rows.append(Row(case, label, None, f"skipped: {exc}"))
+            self.add(Row(case, label, None, f"skipped: {exc}"))
             return
-        self.last[key] = (n, seconds)
-        self.rows.append(Row(case, label, seconds, _agreement(kernel, reference),
+        self.last[key] = (n, seconds, peak)
+        self.add(Row(case, label, seconds, _agreement(kernel, reference),
                              {"peak RSS Δ": gib(peak)}))
 
     def case(self, name: str, model, x, y, kind: str, nng_cache: dict) -> None:
@@ -356,7 +372,7 @@ class Bench:
         seconds, peak, ours = measure(lambda: empirical_ntk(model, x, trace=trace),
                                       repeats=repeats, warmup=0)
         plan = plan_ntk(model, x, trace=trace)
-        self.rows.append(Row(case, "ridgeline", seconds, f"{plan.method}, est. "
+        self.add(Row(case, "ridgeline", seconds, f"{plan.method}, est. "
                              f"{gib(plan.estimated_bytes)}", {"peak RSS Δ": gib(peak)}))
         tensors = len(list(model.parameters()))
         jac_need = 2 * n * o * params * s + tensors * n * n * (o * o if kind == "full" else 1) * s
@@ -365,8 +381,8 @@ class Bench:
                                   warmup=0), ours, jac_need)
         block = int(self.max_memory // (n * o * params * s * 2))
         if block < 1:
-            self.rows.append(Row(case, "torch.func ntk-vps recipe", None,
-                                 "skipped: one row block exceeds --max-memory"))
+            self.add(Row(case, "torch.func ntk-vps recipe", None,
+                         "skipped: one row block exceeds --max-memory"))
         else:
             self.peer(case, "torch.func ntk-vps recipe", (name, kind, "vps"), n,
                       lambda: measure(lambda: run_ntk_vps_recipe(model, x, kind, block),
@@ -382,15 +398,17 @@ class Bench:
             label = "nngeometry GramMatrix" + (" (full, traced)" if kind == "trace" else "")
             self.peer(case, label, (name, "nng"), n, gram, ours)
         else:
-            self.rows.append(Row(case, "nngeometry GramMatrix", None,
-                                 "skipped: pip install --no-deps nngeometry"))
+            self.add(Row(case, "nngeometry GramMatrix", None,
+                         "skipped: pip install --no-deps nngeometry"))
+        if self.probing:
+            return
         if self.nt_python and Path(self.nt_python).exists():
             self.peer(case, "neural-tangents (AUTO)", (name, kind, "nt"), n,
                       lambda: run_neural_tangents(self.nt_python, model, name, x, kind, repeats,
-                                                  self.workdir)[:3], ours)
+                                                  self.workdir)[:3], ours, project_memory=True)
         else:
-            self.rows.append(Row(case, "neural-tangents", None,
-                                 "skipped: set --neural-tangents-python (separate venv)"))
+            self.add(Row(case, "neural-tangents", None,
+                         "skipped: set --neural-tangents-python (separate venv)"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -404,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-memory", type=float, default=6.0,
                         help="GiB a peer recipe may allocate by its known formula")
     parser.add_argument("--neural-tangents-python", default=os.environ.get("RIDGELINE_NT_PYTHON"))
+    parser.add_argument("--probe-n", type=int, default=64,
+                        help="run the torch peers once at this N first (not shown) so that "
+                             "their time at the table's sizes can be projected")
     parser.add_argument("--large", action="store_true",
                         help="also N=10000 for the MNIST-1D MLP within a 4 GiB budget (ridgeline)")
     args = parser.parse_args(argv)
@@ -417,13 +438,16 @@ def main(argv: list[str] | None = None) -> None:
         empirical_ntk(model, data.inputs[:4])
         run_jacobian_recipe(model, data.inputs[:4], "trace")
     bench = Bench(args)
+    sizes = [int(v) for v in args.sizes.split(",") if v]
     try:
         for name in [m for m in args.models.split(",") if m]:
-            for n in [int(v) for v in args.sizes.split(",") if v]:
+            for n in ([args.probe_n] if args.probe_n else []) + sizes:
+                bench.probing = n == args.probe_n and n not in sizes
                 x, y = data.inputs[:n], data.targets[:n]
                 nng_cache: dict = {}
                 for kind in [k for k in args.kinds.split(",") if k]:
                     bench.case(name, models[name], x, y, kind, nng_cache)
+            bench.probing = False
     finally:
         shutil.rmtree(bench.workdir, ignore_errors=True)
     print_table("Empirical NTK (time: median of repeats; peak RSS Δ: growth of resident memory "

@@ -26,8 +26,8 @@ MAX_JACOBIAN_CHUNK = 4096
 MARGIN = 1.1
 #: smallest tile side at which holding every example's Jacobian beats recomputing them
 MIN_RESIDENT_CHUNK = 64
-#: a symmetric kernel is split into at least this many tiles per side (when tiles stay
-#: ≥ SYMMETRIC_TILE examples) so that only the (T + 1)/2T on and above the diagonal are computed
+#: tiles of a symmetric kernel have at most max(SYMMETRIC_TILE, N / SYMMETRIC_TILES) examples
+#: a side, so that only the fraction (T + 1)/2T of tiles on and above the diagonal is computed
 SYMMETRIC_TILES = 8
 SYMMETRIC_TILE = 128
 
