@@ -65,6 +65,14 @@ def _register_instrument_checks() -> None:
         return [float(v) for v in result.losses]
 
     EXTRA_CHECKS["path_losses"] = path_losses
+
+    from ridgeline import kernels
+
+    def ntk_block(objective):
+        inputs = next(objective.per_batch(shard=False)).inputs
+        return kernels.empirical_ntk(objective.model, inputs[:7], chunk_size=3).flatten().tolist()
+
+    EXTRA_CHECKS["ntk_block"] = ntk_block
     if curvature is not None and hasattr(curvature, "trace"):
         EXTRA_CHECKS["trace"] = lambda o: [float(curvature.trace(
             o, method="hutchinson", max_matvecs=20, rtol=1e-12, seed=0).value)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ridgeline import distributed
 from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
 from ridgeline.kernels._jacobians import (
     Features,
@@ -158,9 +159,13 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     o, c = facts.num_outputs, plan.chunk_size
     full = trace is None
     shape = (plan.n1, plan.n2, o, o) if full else (plan.n1, plan.n2)
-    kernel = torch.empty(shape, dtype=next(iter(params.values())).dtype, device=x1.device)
+    spread = distributed.is_distributed()
+    allocate = torch.zeros if spread else torch.empty
+    kernel = allocate(shape, dtype=next(iter(params.values())).dtype, device=x1.device)
     rows = range(0, plan.n1, c)
     pairs = [(i, j) for i in rows for j in range(i if symmetric else 0, plan.n2, c)]
+    if spread:  # under torch.distributed each rank computes every world_size-th tile
+        pairs = distributed.shard_indices(pairs)
     with torch.no_grad(), progress_bar(len(pairs), "empirical NTK", progress) as bar:
         if plan.method == "jacobian":
             _run_jacobian(JacobianEngine(model, params, facts), kernel, x1, x2, plan, pairs,
@@ -168,6 +173,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         else:
             _run_vector_products(VectorProductEngine(model, params, facts), kernel, x1, x2,
                                  plan, pairs, symmetric, full, bar)
+    if spread:
+        kernel = distributed.all_reduce_sum(kernel)
     if trace == "mean":
         kernel /= o
     return kernel
