@@ -50,3 +50,34 @@ def test_two_processes_equal_one(tmp_path, dtype, tol):
 def test_ranks_with_different_data_are_refused(tmp_path):
     error = launch(tmp_path, "mismatch")["error"]
     assert "the dataset size differs between processes" in error
+
+
+def test_study_under_torchrun_writes_once_and_resumes(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text("""
+name = "dist-tiny"
+[data]
+name = "gaussian_mixture"
+args = { num_samples = 120, dim = 4, num_classes = 3 }
+[training]
+epochs = 1
+batch_size = 32
+[[models]]
+name = "a"
+factory = "mlp"
+args = { in_features = 4, widths = [8], out_features = 3 }
+[[measurements]]
+kind = "curvature"
+models = ["a"]
+k = 2
+""")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "ridgeline", "-q", "study", str(config), "--out", str(out)]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ids = [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert ids == ["study", "train:a", "curvature"]  # rank 0 alone wrote, once each
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and "ran 0 measurements, 2 already done" in again.stdout
