@@ -18,6 +18,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RIDGELINE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Test tensors are tiny: one thread avoids OpenMP threads contending for the cores
+    (20-40x slower tiny products on a busy 2-core machine). Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_data():
     gen = torch.Generator().manual_seed(0)

@@ -17,15 +17,6 @@ from ridgeline.study import config_from_dict, run_study
 pytestmark = pytest.mark.filterwarnings("ignore:the auxiliary heads cost")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fwdgrad_command_prints_cosines_per_layer(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(80, 6, generator=gen)

@@ -21,15 +21,6 @@ from ridgeline.errors import (
 from ridgeline.gradients import ForwardGradient, ForwardGradientSGD, RandomGuess, forward_gradient
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def backprop_grad(model, x, y):
     """∇L by plain autograd on the whole batch (the reference)."""
     params = [p for p in model.parameters()]

@@ -19,15 +19,6 @@ from ridgeline.models import mlp
 pytestmark = pytest.mark.filterwarnings("ignore:the auxiliary heads cost")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_expected_random_cosine_matches_the_beta_moment():
     """cos² ~ Beta(1/2, (P−1)/2), so E[cos] = B(1, (P−1)/2) / B(1/2, (P−1)/2)."""
     for p in (2, 3, 10, 1000, 78_856):

@@ -16,15 +16,6 @@ from ridgeline.models import mlp
 pytestmark = pytest.mark.filterwarnings("ignore:the auxiliary heads cost")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def blobs():
     gen = torch.Generator().manual_seed(0)
