@@ -103,7 +103,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, width in zip(axes, (500, 10000)):
         for index, (c0, c1) in enumerate(curves[width]):
-            ax.plot(gammas, c0, color="C0", lw=1, label="n = %d, t = 0" % width if index == 0 else None)
+            ax.plot(gammas, c0, color="C0", lw=1, label=f"n = {width}, t = 0" if index == 0 else None)
             ax.plot(gammas, c1, color="C1", lw=1, ls="--",
                     label=f"n = {width}, t = {STEPS}" if index == 0 else None)
         ax.plot(gammas, limit_curve, color="k", lw=1.5, label="n → ∞")
