@@ -25,8 +25,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)" -e ".[bench]" || echo "some peer libraries did not install; their rows are skipped"
-	# curvlinops' declared dependencies would replace torch: install it and its helpers without them
-	$(BIN)/python -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 linear_operator==0.6.1 || echo "curvlinops unavailable; its rows are skipped"
+	# curvlinops and nngeometry declare dependencies that would replace torch: install them without
+	$(BIN)/python -m pip install -q --no-deps nngeometry==0.4 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 linear_operator==0.6.1 || echo "curvlinops unavailable; its rows are skipped"
 	$(BIN)/python -m benchmarks all
 
 lint: $(STAMP)
