@@ -110,6 +110,24 @@ def load_data(name: str, split: str = "train", subset: int | None = None):
     return data.subset(subset) if subset else data
 
 
+def reference_model_arguments(model: str, widths: list[int], data) -> dict:
+    """Arguments of a reference model (mlp, cnn1d, resnet) sized for a dataset: input
+    features or channels from the inputs, outputs from the classes (or regression width)."""
+    if data.num_classes is not None:
+        outputs = data.num_classes
+    elif data.targets.is_floating_point():
+        outputs = int(data.targets.shape[-1]) if data.targets.dim() > 1 else 1
+    else:
+        outputs = int(data.targets.max()) + 1
+    if model == "mlp":
+        return {"in_features": int(data.inputs[0].numel()), "widths": widths,
+                "out_features": outputs}
+    kwargs = {"out_features": outputs, ("channels" if model == "cnn1d" else "widths"): widths}
+    if data.inputs.dim() == 4:
+        kwargs.update(in_channels=int(data.inputs.shape[1]), dims=2)
+    return kwargs
+
+
 @app.command("train")
 def train_command(
     out: Path = typer.Option(..., "--out", help="Checkpoint path (.safetensors)."),
@@ -133,14 +151,8 @@ def train_command(
 
     try:
         train_data, test_data = load_data(data, "train"), load_data(data, "test")
-        sizes = [int(w) for w in widths.split(",") if w]
-        in_features = int(train_data.inputs[0].numel())
-        classes = train_data.num_classes or int(train_data.targets.shape[-1])
-        kwargs = ({"in_features": in_features, "widths": sizes, "out_features": classes}
-                  if model == "mlp" else {"out_features": classes,
-                                          ("channels" if model == "cnn1d" else "widths"): sizes})
-        if model != "mlp" and train_data.inputs.dim() == 4:
-            kwargs.update(in_channels=train_data.inputs.shape[1], dims=2)
+        kwargs = reference_model_arguments(model, [int(w) for w in widths.split(",") if w],
+                                           train_data)
         torch.manual_seed(seed)
         net = build_model(model, **kwargs)
         options = {}

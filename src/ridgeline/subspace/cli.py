@@ -39,16 +39,10 @@ def _baseline(text: str):
 
 def _model_fn(model: str, widths: list[int], data):
     """A zero-argument builder of the reference model for the data's shape."""
+    from ridgeline.cli import reference_model_arguments
     from ridgeline.models import build_model
 
-    in_features = int(data.inputs[0].numel())
-    classes = data.num_classes or int(data.targets.max()) + 1
-    if model == "mlp":
-        kwargs = {"in_features": in_features, "widths": widths, "out_features": classes}
-    else:
-        kwargs = {"out_features": classes, ("channels" if model == "cnn1d" else "widths"): widths}
-        if data.inputs.dim() == 4:
-            kwargs.update(in_channels=int(data.inputs.shape[1]), dims=2)
+    kwargs = reference_model_arguments(model, widths, data)
     build_model(model, **kwargs)  # fail fast on bad arguments
     return lambda: build_model(model, **kwargs)
 
