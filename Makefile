@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)" -e ".[dev]"
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)" -e ".[dev,hf,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

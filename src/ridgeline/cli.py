@@ -20,7 +20,8 @@ from ridgeline.errors import RidgelineError
 app = typer.Typer(name="ridgeline", add_completion=False, no_args_is_help=True,
                   help="Measure the geometry of neural-network training.")
 
-INSTRUMENTS = ("connectivity", "curvature", "kernels", "transport", "gradients", "subspace")
+INSTRUMENTS = ("connectivity", "curvature", "kernels", "transport", "gradients", "subspace",
+               "merge", "sweep")
 
 
 def _version(value: bool) -> None:
@@ -177,6 +178,8 @@ def train_command(
 def _register_instruments() -> None:
     for name in INSTRUMENTS:
         module = f"ridgeline.{name}.cli"
+        if importlib.util.find_spec(f"ridgeline.{name}") is None:
+            continue
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(app)
 

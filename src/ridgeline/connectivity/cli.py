@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"alignment removes {100 * (1 - paths[1].barrier / paths[0].barrier):.1f} % "
                        "of the barrier")
         if plot is not None:
-            from ridgeline.study.figures import new_figure
+            from ridgeline.plotting import new_figure
 
             fig, ax = new_figure(5.5, 3.6)
             for path in paths:

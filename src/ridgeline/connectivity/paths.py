@@ -98,7 +98,7 @@ class PathResult:
         return self.losses[0], self.losses[-1]
 
     def to_dict(self) -> dict:
-        from ridgeline.study.store import to_jsonable
+        from ridgeline._json import to_jsonable
 
         return to_jsonable({
             "label": self.label, "alphas": list(self.alphas), "losses": list(self.losses),

@@ -123,7 +123,7 @@ class BarrierPrediction:
     spearman_midpoint: float | None = None
 
     def to_dict(self) -> dict:
-        from ridgeline.study.store import to_jsonable
+        from ridgeline._json import to_jsonable
 
         return to_jsonable({
             "predicted": self.predicted, "measured": self.measured,

@@ -78,7 +78,7 @@ class SliceResult:
     eigenvalues: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
-        from ridgeline.study.store import to_jsonable
+        from ridgeline._json import to_jsonable
 
         return to_jsonable({
             "dims": self.dims, "x": list(self.x), "y": None if self.y is None else list(self.y),

@@ -24,7 +24,8 @@ from ridgeline.errors import (
     NonFiniteLossError,
     UnsupportedOperationError,
 )
-from ridgeline.gradients.guesses import GuessBatch, generator_for, resolve_guess, stack_guess
+from ridgeline.gradients.guesses import GuessBatch, generator_for, stack_guess
+from ridgeline.gradients.resolve import resolve_guess
 from ridgeline.objective import Objective, as_objective
 from ridgeline.params import Params
 

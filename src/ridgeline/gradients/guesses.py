@@ -21,7 +21,7 @@ from ridgeline.errors import ArchitectureMismatchError, ConfigError, ShapeMismat
 from ridgeline.params import Params, make_generator
 
 __all__ = ["Guess", "GuessBatch", "RandomGuess", "PreviousGuess", "TensorGuess",
-           "CallableGuess", "resolve_guess", "GUESS_NAMES"]
+           "CallableGuess", "GUESS_NAMES"]
 
 #: names accepted by ``guess=`` (besides a :class:`Guess`, a callable or a dict of tensors)
 GUESS_NAMES = ("random", "rademacher", "local", "previous")
@@ -218,32 +218,6 @@ class CallableGuess(Guess):
                 f"the guess function {self.name!r} returned {type(result).__name__}; it must "
                 "return a dict of tensors keyed like model.named_parameters().")
         return TensorGuess(result)(objective, params, num_guesses=num_guesses, generator=generator)
-
-
-def resolve_guess(guess: Any, objective: Any) -> Guess:
-    """A :class:`Guess` from a name, a Guess, a callable, or a dict of tensors."""
-    if isinstance(guess, Guess):
-        return guess
-    if isinstance(guess, str):
-        if guess == "random":
-            return RandomGuess("gaussian")
-        if guess == "rademacher":
-            return RandomGuess("rademacher")
-        if guess == "previous":
-            return PreviousGuess()
-        if guess == "local":
-            from ridgeline.gradients.local import LocalGuess
-
-            return LocalGuess(objective.model, loss=objective.loss_fn,
-                              train_mode=objective.train_mode).fit(objective)
-        raise ConfigError(f"unknown guess {guess!r}; use one of {list(GUESS_NAMES)}, a "
-                          "LocalGuess, a dict of tensors, or a callable (objective, params) -> dict.")
-    if isinstance(guess, Mapping):
-        return TensorGuess(guess)
-    if callable(guess):
-        return CallableGuess(guess)
-    raise ConfigError(f"guess must be a name {list(GUESS_NAMES)}, a Guess, a dict of tensors or "
-                      f"a callable; got {type(guess).__name__}.")
 
 
 def generator_for(seed: int | torch.Generator | None, params: Mapping[str, torch.Tensor]

@@ -11,7 +11,8 @@ import torch
 
 from ridgeline.errors import ConfigError
 from ridgeline.gradients.forward import check_num_guesses, forward_gradient, layer_of
-from ridgeline.gradients.guesses import generator_for, resolve_guess
+from ridgeline.gradients.guesses import generator_for
+from ridgeline.gradients.resolve import resolve_guess
 from ridgeline.objective import as_objective
 
 __all__ = ["GuessQuality", "quality", "expected_random_cosine"]

@@ -15,7 +15,8 @@ from torch import nn
 
 from ridgeline.errors import ConfigError
 from ridgeline.gradients.forward import COMBINE, check_num_guesses, forward_gradient
-from ridgeline.gradients.guesses import Guess, resolve_guess
+from ridgeline.gradients.guesses import Guess
+from ridgeline.gradients.resolve import resolve_guess
 from ridgeline.losses import LossFn, resolve_loss
 from ridgeline.objective import Objective
 from ridgeline.params import make_generator

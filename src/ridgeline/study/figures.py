@@ -8,18 +8,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ridgeline.plotting import new_figure
+
 __all__ = ["figure_html", "table_html", "fmt", "new_figure", "section_html"]
-
-
-def new_figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
-    """A matplotlib figure (Agg, no display needed) and its axes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
-    return fig, (axes[0, 0] if ncols == 1 else list(axes[0]))
 
 
 def figure_html(fig, *, caption: str | None = None) -> str:

@@ -7,40 +7,13 @@ mid-write) is ignored on reading, so its measurement is simply redone.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from ridgeline import distributed
+from ridgeline._json import to_jsonable
 
 __all__ = ["ResultStore", "to_jsonable", "atomic_write_text"]
-
-
-def to_jsonable(value: Any) -> Any:
-    """Tensors, numpy arrays and scalars → lists and floats; NaN/inf → None."""
-    import numpy as np
-
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return to_jsonable(value.item() if value.dim() == 0 else value.tolist())
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return to_jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if hasattr(value, "to_dict"):
-        return to_jsonable(value.to_dict())
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -74,7 +74,7 @@ class SWConvergence:
         return out
 
     def to_dict(self) -> dict:
-        from ridgeline.study.store import to_jsonable
+        from ridgeline._json import to_jsonable
 
         return to_jsonable(asdict(self))
 

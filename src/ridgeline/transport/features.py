@@ -53,7 +53,7 @@ class FeatureDistance:
     per_projection: list[float]
 
     def to_dict(self) -> dict:
-        from ridgeline.study.store import to_jsonable
+        from ridgeline._json import to_jsonable
 
         return to_jsonable(asdict(self))
 
