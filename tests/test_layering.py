@@ -11,6 +11,7 @@ PACKAGE = Path(ridgeline.__file__).parent
 INSTRUMENTS = ["connectivity", "curvature", "kernels", "gradients", "transport", "subspace",
                "optim", "merge"]
 LOWER = ["objective.py", "params.py", "linalg.py", "distributed.py", "train.py", "losses.py",
+         "checkpoints.py", "usercode.py",
          "plotting.py", "_json.py", "errors.py", "progress.py"]
 
 

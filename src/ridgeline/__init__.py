@@ -19,9 +19,11 @@ from ridgeline.params import (
     random_direction,
     unflatten,
 )
-from ridgeline.train import TrainResult, load, save, train
+from ridgeline.checkpoints import load, save
+from ridgeline.train import TrainResult, train
 
 _SUBPACKAGES = (
+    "checkpoints",
     "connectivity",
     "curvature",
     "data",

@@ -1,23 +1,62 @@
 """The ``ridgeline`` command line (typer).
 
 Core commands live here; each instrument adds its own from ``ridgeline/<instrument>/cli.py``
-through a ``register(app)`` function.
+through a ``register(app)`` function. Options and checks shared by the commands
+(``--model``, ``--model-args``, ``--data``, output paths, :func:`fail`) are in
+:mod:`ridgeline.cli_options`.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
+import warnings
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from ridgeline._version import __version__
-from ridgeline.errors import RidgelineError
+from ridgeline.cli_options import (
+    check_output_file,
+    data_args_option,
+    fail,
+    load_data,
+    parse_ints,
+    parse_json_object,
+    parse_key_values,
+    progress_on,
+    warning_line,
+)
+from ridgeline.errors import ConfigError, RidgelineError
 
-app = typer.Typer(name="ridgeline", add_completion=False, no_args_is_help=True,
+__all__ = ["app", "main", "fail", "load_data", "progress_on", "reference_model_arguments"]
+
+#: flags of the root command that may also follow the subcommand
+GLOBAL_FLAGS = ("-q", "--quiet")
+
+
+class _Group(TyperGroup):
+    """The root group: ``-q``/``--quiet`` is accepted after the command too
+    (``ridgeline study -q`` as well as ``ridgeline -q study``)."""
+
+    def parse_args(self, ctx, args):
+        commands = set(self.list_commands(ctx))
+        out, moved, seen_command = [], [], False
+        for i, token in enumerate(args):
+            if token == "--":
+                out += args[i:]
+                break
+            if seen_command and token in GLOBAL_FLAGS:
+                moved.append("--quiet")
+                continue
+            seen_command = seen_command or token in commands
+            out.append(token)
+        return super().parse_args(ctx, moved + out)
+
+
+app = typer.Typer(name="ridgeline", add_completion=False, no_args_is_help=True, cls=_Group,
                   help="Measure the geometry of neural-network training.")
 
 INSTRUMENTS = ("connectivity", "curvature", "kernels", "transport", "gradients", "subspace",
@@ -32,27 +71,34 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No progress bars (also accepted after the command)."),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads."),
 ) -> None:
+    previous_quiet = os.environ.get("RIDGELINE_QUIET")
     if quiet:
         os.environ["RIDGELINE_QUIET"] = "1"
-    if threads:
+    previous_show = warnings.showwarning
+    warnings.showwarning = warning_line  # warnings as one clean line, not source + category
+
+    def restore() -> None:
+        warnings.showwarning = previous_show
+        if quiet:
+            if previous_quiet is None:
+                os.environ.pop("RIDGELINE_QUIET", None)
+            else:
+                os.environ["RIDGELINE_QUIET"] = previous_quiet
+
+    ctx.call_on_close(restore)
+    if threads is not None:
+        if threads < 1:
+            fail(ConfigError(f"--threads must be ≥ 1, got {threads}."))
         import torch
 
         torch.set_num_threads(threads)
-
-
-def progress_on() -> bool:
-    return os.environ.get("RIDGELINE_QUIET") != "1"
-
-
-def fail(error: Exception) -> None:
-    """Print a ridgeline error without a traceback and exit with status 2."""
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -94,23 +140,6 @@ def report(run_dir: Path = typer.Argument(..., help="A study's run directory."))
     typer.echo(f"report: {write_report(run_dir).resolve()}")
 
 
-def load_data(name: str, split: str = "train", subset: int | None = None):
-    """A built-in dataset by name, or an ``.npz`` with arrays ``x`` and ``y``."""
-    import numpy as np
-    import torch
-
-    from ridgeline.data import Dataset, load_dataset
-
-    if name.endswith(".npz"):
-        with np.load(name, allow_pickle=False) as archive:
-            x, y = torch.from_numpy(archive["x"]), torch.from_numpy(archive["y"])
-        data = Dataset(x.float(), y if y.is_floating_point() else y.long(),
-                       int(y.max()) + 1 if not y.is_floating_point() else None, Path(name).stem)
-    else:
-        data = load_dataset(name, split)
-    return data.subset(subset) if subset else data
-
-
 def reference_model_arguments(model: str, widths: list[int], data) -> dict:
     """Arguments of a reference model (mlp, cnn1d, resnet) sized for a dataset: input
     features or channels from the inputs, outputs from the classes (or regression width)."""
@@ -129,11 +158,21 @@ def reference_model_arguments(model: str, widths: list[int], data) -> dict:
     return kwargs
 
 
+BUILT_IN_MODELS = ("mlp", "cnn1d", "resnet")
+
+
 @app.command("train")
 def train_command(
     out: Path = typer.Option(..., "--out", help="Checkpoint path (.safetensors)."),
-    model: str = typer.Option("mlp", "--model", help="mlp, cnn1d or resnet."),
-    data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+    model: str = typer.Option("mlp", "--model",
+                              help="mlp, cnn1d, resnet, another registered model, or your own "
+                                   "factory MODULE:CALLABLE (arguments from --model-args)."),
+    model_args: str | None = typer.Option(
+        None, "--model-args", help="Keyword arguments of the model as a JSON object; for mlp, "
+                                   "cnn1d and resnet they override the sizes read from the data."),
+    data: str = typer.Option("mnist1d", "--data",
+                             help="mnist1d, digits, an .npz with x and y, or MODULE:CALLABLE."),
+    data_args: str | None = data_args_option(),
     widths: str = typer.Option("256,256", "--widths", help="Hidden widths (mlp) or channels."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam, adamw, sam, asam, saf, mesa."),
     lr: float = typer.Option(0.05, "--lr"),
@@ -144,34 +183,46 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Init and data-order seed."),
     option: list[str] = typer.Option([], "--option", help="Method option KEY=VALUE (e.g. rho=0.1)."),
 ) -> None:
-    """Train a reference model on a built-in dataset and save a checkpoint."""
+    """Train a model (a reference model or your own factory) and save a checkpoint."""
     import torch
 
     from ridgeline.models import build_model
-    from ridgeline.train import save, train
+    from ridgeline.train import check_hyperparameters, save, train
 
     try:
-        train_data, test_data = load_data(data, "train"), load_data(data, "test")
-        kwargs = reference_model_arguments(model, [int(w) for w in widths.split(",") if w],
-                                           train_data)
+        # every argument is checked before data is loaded or a step is taken
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; give the checkpoint file to write, e.g. "
+                              f"{out / 'model.safetensors'}.")
+        if out.suffix != ".safetensors":
+            raise ConfigError(f"--out {out}: checkpoints are written as safetensors; name the file "
+                              f"{out.with_suffix('.safetensors').name}.")
+        if out.parent.exists():  # a missing folder is created when the checkpoint is saved
+            check_output_file(out, "--out")
+        check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay, epochs=epochs,
+                              batch_size=batch_size)
+        options = parse_key_values(option, "--option")
+        extra = parse_json_object(model_args, "--model-args")
+        sizes = parse_ints(widths, "--widths")
+        data_kwargs = parse_json_object(data_args, "--data-args")
+        train_data = load_data(data, "train", args=data_kwargs)
+        test_data = load_data(data, "test", args=data_kwargs)
+        if model in BUILT_IN_MODELS:
+            kwargs = {**reference_model_arguments(model, sizes, train_data), **extra}
+        else:
+            kwargs = extra
         torch.manual_seed(seed)
         net = build_model(model, **kwargs)
-        options = {}
-        for item in option:
-            key, _, value = item.partition("=")
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value  # a plain string such as float16 or local
         result = train(net, train_data, optimizer=optimizer, lr=lr, momentum=momentum,
                        weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, seed=seed,
                        eval_data=test_data, progress=progress_on(), **options)
-        save(net, out, metadata={"data": data, "train": result.config})
+        save(net, out, metadata={"data": data, "data_args": data_kwargs, "train": result.config})
     except RidgelineError as exc:
         fail(exc)
     final = result.final
+    accuracy = final.get("eval_accuracy")
     typer.echo(f"saved {out}: train loss {final['train_loss']:.4f}, test accuracy "
-               f"{final.get('eval_accuracy') or float('nan'):.4f}, "
+               f"{float('nan') if accuracy is None else accuracy:.4f}, "
                f"{1000 * result.time_per_step:.2f} ms/step")
 
 

@@ -20,7 +20,7 @@ from ridgeline import distributed
 from ridgeline.data.dataset import Dataset
 from ridgeline.errors import DataError, NonFiniteLossError, ShapeMismatchError
 from ridgeline.losses import LossFn, resolve_loss
-from ridgeline.params import Params, named_buffers, named_parameters
+from ridgeline.params import Params, named_buffers, named_parameters, unflatten
 
 __all__ = ["Objective", "as_objective", "Batch", "DEFAULT_BATCH_SIZE"]
 
@@ -279,7 +279,7 @@ class Objective:
         """H v with H = ∇²L(θ), by forward-over-reverse differentiation
         (``jvp`` of ``grad``), summed over batches with size weights."""
         params = self._params_or_current(params)
-        tangent = {k: v[k] for k in params}
+        tangent = self._tangent(v, params)
         batch_grad = grad(self.batch_loss)
 
         def product(x, y):
@@ -287,6 +287,33 @@ class Objective:
             return {k: t.detach() for k, t in hv.items()}
 
         return self.batch_mean(product)
+
+    def _tangent(self, v: Mapping[str, torch.Tensor] | torch.Tensor,
+                 params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``v`` as tensors shaped like ``params``: a dict by name, or one flat vector of
+        length P (in parameter order); anything else raises ShapeMismatchError."""
+        sizes = {k: p.numel() for k, p in params.items()}
+        total = sum(sizes.values())
+        if isinstance(v, torch.Tensor):
+            if v.dim() != 1 or v.numel() != total:
+                raise ShapeMismatchError(
+                    f"hvp got a tensor of shape {tuple(v.shape)}; pass a flat vector of length "
+                    f"{total} (the trainable parameters) or a dict of tensors by parameter name.")
+            return unflatten(v.to(self.dtype), dict(params))
+        if not isinstance(v, Mapping):
+            raise ShapeMismatchError(f"hvp takes a dict of tensors by parameter name or a flat "
+                                     f"vector of length {total}; got {type(v).__name__}.")
+        missing = [k for k in params if k not in v]
+        wrong = [f"'{k}' has shape {tuple(v[k].shape)}, expected {tuple(p.shape)}"
+                 for k, p in params.items() if k in v and tuple(v[k].shape) != tuple(p.shape)]
+        if missing or wrong:
+            problems = ([f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}"]
+                        if missing else []) + wrong[:5]
+            raise ShapeMismatchError("hvp's vector does not match the parameters: "
+                                     + "; ".join(problems) + ". Build it with "
+                                     "ridgeline.random_direction or unflatten a vector of length "
+                                     f"{total}.")
+        return {k: v[k] for k in params}
 
     def outputs(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """f(X; θ) for every example, in dataset order (all batches, not sharded)."""

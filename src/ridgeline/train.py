@@ -7,24 +7,17 @@ training plug in (``register_training_method``) without touching the loop.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ridgeline._version import __version__
 from ridgeline.data.dataset import Dataset
 from ridgeline.errors import (
-    ArchitectureMismatchError,
-    CheckpointError,
     ConfigError,
     DataError,
     NonFiniteLossError,
@@ -34,7 +27,7 @@ from ridgeline.progress import progress_bar
 
 __all__ = ["train", "TrainResult", "TrainState", "StepRule", "BackpropStep",
            "register_training_method", "TRAINING_METHODS", "save", "load", "Callback",
-           "coerce_tensors"]
+           "coerce_tensors", "check_hyperparameters"]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -287,17 +280,22 @@ def train(model: nn.Module, data: Any, *, optimizer: str | torch.optim.Optimizer
         ``history`` holds, per epoch, the mean training loss and accuracy over the
         epoch's steps and the eval loss and accuracy (epoch 0: before training).
     """
+    check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay, epochs=epochs,
+                          batch_size=batch_size)
     inputs, targets, num_classes = coerce_tensors(data)
     loss_name, loss_fn = resolve_loss(loss)
-    if epochs < 0 or batch_size < 1:
-        raise ConfigError(f"epochs must be ≥ 0 and batch_size ≥ 1; got epochs={epochs}, "
-                          f"batch_size={batch_size}.")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     from ridgeline.objective import Objective, module_mode
 
-    Objective(model, (inputs[:4], targets[:4]), loss_fn)  # validates shapes, labels, loss
+    # validates every example (finite inputs, label range) and probes shapes and the loss
+    Objective(model, (inputs, targets), loss_fn)
     eval_tensors = coerce_tensors(eval_data, "eval_data")[:2] if eval_data is not None else None
+    if eval_tensors is not None:
+        try:
+            Objective(model, eval_tensors, loss_fn)
+        except DataError as exc:
+            raise DataError(f"eval_data: {exc}") from exc
     num_examples = int(inputs.shape[0])
     steps_per_epoch = math.ceil(num_examples / batch_size)
     with torch.no_grad(), module_mode(model, False):  # eval mode: BN must not see this probe
@@ -382,6 +380,28 @@ def train(model: nn.Module, data: Any, *, optimizer: str | torch.optim.Optimizer
                                   if isinstance(v, (int, float, str, bool, type(None)))}})
 
 
+def check_hyperparameters(*, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                          epochs: int = 1, batch_size: int = 1) -> None:
+    """Raise :class:`ConfigError` for values no training run can use (checked before any
+    work): a negative or non-finite learning rate, momentum outside [0, 1), negative weight
+    decay, negative epochs, batch size below 1."""
+    problems = []
+    if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr >= 0):
+        problems.append(f"lr must be a finite number ≥ 0, got {lr}")
+    if isinstance(momentum, (int, float)) and not (0 <= momentum < 1):
+        problems.append(f"momentum must lie in [0, 1), got {momentum}")
+    if isinstance(weight_decay, (int, float)) and not (math.isfinite(weight_decay)
+                                                      and weight_decay >= 0):
+        problems.append(f"weight_decay must be ≥ 0, got {weight_decay}")
+    if epochs < 0:
+        problems.append(f"epochs must be ≥ 0, got {epochs}")
+    if batch_size < 1:
+        problems.append(f"batch_size must be ≥ 1, got {batch_size}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ". Typical values: lr=0.05, momentum=0.9, "
+                          "weight_decay=0, batch_size=128.")
+
+
 def _make_rule(model, optimizer, gradient, loss_fn, *, options, **context) -> StepRule:
     if isinstance(optimizer, torch.optim.Optimizer):
         if gradient != "backprop" or options:
@@ -418,117 +438,13 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, kind: str | None, total_st
 
 
 # ----------------------------------------------------------------------------- checkpoints
-CHECKPOINT_FORMAT = "ridgeline-checkpoint/1"
+# save/load live in ridgeline.checkpoints; re-exported here for code that imports them from
+# ridgeline.train.
+from ridgeline.checkpoints import (  # noqa: E402
+    CHECKPOINT_FORMAT,
+    checkpoint_info,
+    load,
+    save,
+)
 
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(path.suffix + ".json") if path.suffix != ".json" else path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
-
-
-def save(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write the model's state (parameters and buffers) as safetensors, plus a JSON sidecar
-    ``<path>.json`` with the architecture arguments and the ridgeline version.
-
-    Both files are written atomically. Under torch.distributed only rank 0 writes, and
-    every rank returns once the files exist. Returns the checkpoint path.
-    """
-    from safetensors.torch import save as st_save
-
-    from ridgeline import distributed
-
-    path = Path(path)
-    if not distributed.is_main_process():
-        distributed.barrier()
-        return path
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    info = {"format": CHECKPOINT_FORMAT, "ridgeline_version": __version__,
-            "architecture": getattr(model, "ridgeline_architecture", None),
-            "model_class": type(model).__name__,
-            "tensors": {k: list(v.shape) for k, v in state.items()},
-            "metadata": dict(metadata or {})}
-    _atomic_write_bytes(path, st_save(state, metadata={"format": CHECKPOINT_FORMAT}))
-    _atomic_write_bytes(_sidecar(path), json.dumps(info, indent=2, default=str).encode())
-    distributed.barrier()
-    return path
-
-
-def checkpoint_info(path: str | os.PathLike) -> dict:
-    """The JSON sidecar of a ridgeline checkpoint."""
-    path = Path(path)
-    sidecar = _sidecar(path)
-    if not sidecar.exists():
-        raise CheckpointError(f"{sidecar} is missing: {path} was not written by ridgeline.save "
-                              "(or its sidecar was lost). Pass the model to load(path, model).")
-    try:
-        info = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read the checkpoint sidecar {sidecar}: {exc}") from exc
-    if info.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{sidecar} is not a ridgeline checkpoint sidecar "
-                              f"(format {info.get('format')!r}, expected {CHECKPOINT_FORMAT!r}).")
-    return info
-
-
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a checkpoint written by :func:`save` (safetensors; nothing is unpickled).
-
-    With ``model=None`` the architecture is rebuilt from the sidecar. Loading into a model
-    of another architecture raises :class:`ArchitectureMismatchError` listing the tensors
-    that differ.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (studies keep "
-                              "theirs in runs/<name>/checkpoints/).")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
-    if model is None:
-        info = checkpoint_info(path)
-        arch = info.get("architecture")
-        if not arch:
-            raise CheckpointError(f"{path} does not record its architecture (the model was not "
-                                  "built by ridgeline.models); pass the model: load(path, model).")
-        from ridgeline.models import build_model
-
-        model = build_model(arch["factory"], **arch["kwargs"])
-    expected = model.state_dict()
-    problems = [f"'{k}' missing from the checkpoint" for k in expected if k not in state]
-    problems += [f"'{k}' is in the checkpoint but not in the model" for k in state if k not in expected]
-    problems += [f"'{k}' has shape {tuple(state[k].shape)} in the checkpoint but "
-                 f"{tuple(expected[k].shape)} in the model"
-                 for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if problems:
-        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise ArchitectureMismatchError(f"checkpoint {path} does not fit the model: {shown}. Build "
-                                        "the model with the arguments it was saved with.")
-    model.load_state_dict(state)
-    model.eval()
-    return model
+__all__ += ["checkpoint_info", "CHECKPOINT_FORMAT"]

@@ -6,20 +6,30 @@ from ridgeline.data.dataset import Dataset
 from ridgeline.data.digits import digits
 from ridgeline.data.mnist1d import mnist1d
 from ridgeline.data.synthetic import gaussian_mixture, teacher
+from ridgeline.data.user import as_dataset, load_user_data
 from ridgeline.errors import DataError
 
 __all__ = ["Dataset", "mnist1d", "digits", "gaussian_mixture", "teacher", "load_dataset",
-           "DATASETS"]
+           "load_user_data", "as_dataset", "DATASETS"]
 
 DATASETS = {"mnist1d": mnist1d, "digits": digits, "gaussian_mixture": gaussian_mixture,
             "teacher": teacher}
 
 
 def load_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
-    """A built-in dataset by name: ``"mnist1d"``, ``"digits"``, ``"gaussian_mixture"`` or
-    ``"teacher"``, with that dataset's keyword arguments."""
+    """A dataset by name, with its keyword arguments.
+
+    ``name`` is a built-in dataset (``"mnist1d"``, ``"digits"``, ``"gaussian_mixture"``,
+    ``"teacher"``) or user code written ``"package.module:callable"``, called as
+    ``callable(split=split, **kwargs)`` (see :func:`ridgeline.data.user.load_user_data`).
+    """
+    if ":" in name:
+        from ridgeline.data.user import load_user_data
+
+        return load_user_data(name, split, **kwargs)
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; built-in datasets are {sorted(DATASETS)}.")
+        raise DataError(f"unknown dataset {name!r}; built-in datasets are {sorted(DATASETS)}, or "
+                        "name your own data function as 'package.module:callable'.")
     try:
         return DATASETS[name](split=split, **kwargs)
     except TypeError as exc:

@@ -37,10 +37,38 @@ def model_factory(name: str):
 
 
 def build_model(factory: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model (``"mlp"``, ``"cnn1d"``, ``"resnet"``) from its arguments."""
+    """Build a model from its factory and keyword arguments.
+
+    ``factory`` is a registered name (``"mlp"``, ``"cnn1d"``, ``"resnet"``,
+    ``"transformer"``, ...) or user code written ``"package.module:callable"``, which is
+    imported and called with ``kwargs`` and must return an ``nn.Module``. Either way the
+    module records ``ridgeline_architecture = {"factory": ..., "kwargs": ...}`` so a
+    checkpoint saved from it can rebuild it (user factories: when the arguments are
+    JSON-safe).
+    """
+    from ridgeline.usercode import (
+        call_user,
+        describe_signature,
+        is_import_path,
+        json_safe_arguments,
+        resolve_callable,
+    )
+
+    if is_import_path(factory):
+        fn = resolve_callable(factory, "model factory")
+        module = call_user(fn, factory, "model factory", **kwargs)
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"model factory {factory!r} returned a {type(module).__name__}; it "
+                              "must return a torch.nn.Module.")
+        arguments = json_safe_arguments(kwargs)
+        module.ridgeline_architecture = (None if arguments is None else
+                                         {"factory": factory, "kwargs": arguments})
+        return module
     if factory not in FACTORIES:
-        raise ConfigError(f"unknown model {factory!r}; known models are {sorted(FACTORIES)}.")
+        raise ConfigError(f"unknown model {factory!r}; known models are {sorted(FACTORIES)}, or "
+                          "name your own factory as 'package.module:callable'.")
     try:
         return FACTORIES[factory](**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"bad arguments for model {factory!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad arguments for model {factory!r} ({kwargs}): {exc}. Its signature "
+                          f"is {describe_signature(FACTORIES[factory])}.") from exc
