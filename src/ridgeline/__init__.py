@@ -13,13 +13,13 @@ from typing import Any
 
 from ridgeline import errors
 from ridgeline._version import __version__
+from ridgeline.checkpoints import load, save
 from ridgeline.objective import Objective, as_objective
 from ridgeline.params import (
     flatten,
     random_direction,
     unflatten,
 )
-from ridgeline.checkpoints import load, save
 from ridgeline.train import TrainResult, train
 
 _SUBPACKAGES = (

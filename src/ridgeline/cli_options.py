@@ -212,6 +212,8 @@ def load_data(name: str, split: str = "train", subset: int | None = None,
                                     f"(targets); it holds {keys}. Save it with "
                                     "numpy.savez(path, x=inputs, y=targets).")
                 x, y = archive["x"], archive["y"]
+        except DataError:
+            raise
         except (OSError, ValueError) as exc:
             raise DataError(f"--data {name} is not a readable .npz of numeric arrays: {exc}") from exc
         if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":

@@ -6,13 +6,21 @@ from pathlib import Path
 
 import typer
 
+from ridgeline.cli_options import data_args_option, data_option, model_args_option, model_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("connect")
     def connect(
-        model_a: Path = typer.Argument(..., help="Checkpoint of model A (.safetensors)."),
-        model_b: Path = typer.Argument(..., help="Checkpoint of model B (.safetensors)."),
-        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        model_a: Path = typer.Argument(..., help="Checkpoint of model A (.safetensors, .pt/.pth/"
+                                       ".bin state_dict, or a Hugging Face model folder)."),
+        model_b: Path = typer.Argument(..., help="Checkpoint of model B (same architecture)."),
+        model: str | None = model_option(help="The model both checkpoints' tensors belong to: "
+                                              "your factory MODULE:CALLABLE (or mlp, cnn1d, "
+                                              "resnet); needed for files without a sidecar."),
+        model_args: str | None = model_args_option(),
+        data: str = data_option(),
+        data_args: str | None = data_args_option(),
         split: str = typer.Option("train", "--split", help="Data split for the path: train or test."),
         subset: int | None = typer.Option(None, "--subset", help="Use only the first N examples."),
         align_method: str | None = typer.Option(
@@ -27,9 +35,16 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from ridgeline.cli import fail, load_data, progress_on
+        from ridgeline.cli_options import (
+            check_plot_path,
+            check_subset,
+            fail,
+            load_data,
+            load_model,
+            parse_json_object,
+            progress_on,
+        )
         from ridgeline.errors import ConfigError, RidgelineError
-        from ridgeline.train import load
 
         from . import align, interpolate
         from .paths import _batchnorms
@@ -37,9 +52,16 @@ def register(app: typer.Typer) -> None:
         try:
             if align_method not in (None, "weights", "activations"):
                 raise ConfigError(f"--align must be 'weights' or 'activations', got {align_method!r}.")
-            a, b = load(model_a), load(model_b)
-            dataset = load_data(data, split, subset)
-            train_data = load_data(data, "train", subset) if split != "train" else dataset
+            if points < 2:
+                raise ConfigError(f"--points must be ≥ 2 (both ends), got {points}.")
+            check_subset(subset)
+            check_plot_path(plot)
+            data_kwargs = parse_json_object(data_args, "--data-args")
+            a = load_model(model_a, model, model_args)
+            b = load_model(model_b, model, model_args)
+            dataset = load_data(data, split, subset, data_kwargs)
+            train_data = (load_data(data, "train", subset, data_kwargs) if split != "train"
+                          else dataset)
             reset = train_data if reset_bn and _batchnorms(a) else None
             paths = [interpolate(a, b, dataset, points=points, reset_bn=reset,
                                  progress=progress_on(), label="naive")]

@@ -6,12 +6,18 @@ from pathlib import Path
 
 import typer
 
+from ridgeline.cli_options import data_args_option, data_option, model_args_option, model_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("curvature")
     def curvature_command(
-        checkpoint: Path = typer.Argument(..., help="A checkpoint written by ridgeline (.safetensors)."),
-        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        checkpoint: Path = typer.Argument(..., help="A checkpoint: .safetensors, a .pt/.pth/.bin "
+                                          "state_dict, or a Hugging Face model folder."),
+        model: str | None = model_option(),
+        model_args: str | None = model_args_option(),
+        data: str = data_option(),
+        data_args: str | None = data_args_option(),
         split: str = typer.Option("train", "--split", help="train or test."),
         subset: int | None = typer.Option(None, "--subset", help="Use the first N examples."),
         loss: str = typer.Option("cross_entropy", "--loss", help="cross_entropy or mse."),
@@ -35,7 +41,15 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from ridgeline import Objective
-        from ridgeline.cli import fail, load_data, progress_on
+        from ridgeline.cli_options import (
+            check_plot_path,
+            check_subset,
+            fail,
+            load_data,
+            load_model,
+            parse_json_object,
+            progress_on,
+        )
         from ridgeline.curvature import (
             CurvatureOperator,
             density,
@@ -43,15 +57,21 @@ def register(app: typer.Typer) -> None:
             top_eigenvalues,
             trace,
         )
-        from ridgeline.errors import RidgelineError
-        from ridgeline.train import load
+        from ridgeline.errors import ConfigError, RidgelineError
 
         show = progress_on()
         rows: list[tuple[str, str, str]] = []
         try:
-            model = load(checkpoint)
-            dataset = load_data(data, split, subset)
-            objective = Objective(model, dataset, loss)
+            check_subset(subset)
+            check_plot_path(plot)
+            if plot is not None and not with_density:
+                raise ConfigError("--plot saves the spectral density; add --density.")
+            if k < 1:
+                raise ConfigError(f"--k must be ≥ 1, got {k}.")
+            data_kwargs = parse_json_object(data_args, "--data-args")
+            net = load_model(checkpoint, model, model_args)
+            dataset = load_data(data, split, subset, data_kwargs)
+            objective = Objective(net, dataset, loss)
             operator = CurvatureOperator(objective, "hessian")
             top = top_eigenvalues(operator, k=k, tol=tol, seed=seed, progress=show)
             for i, (value, rel) in enumerate(zip(top.values.tolist(),

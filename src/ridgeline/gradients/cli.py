@@ -7,12 +7,18 @@ from pathlib import Path
 
 import typer
 
+from ridgeline.cli_options import data_args_option, data_option, model_args_option, model_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("fwdgrad")
     def fwdgrad(
-        checkpoint: Path = typer.Argument(..., help="Model checkpoint (.safetensors)."),
-        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        checkpoint: Path = typer.Argument(..., help="A checkpoint: .safetensors, a .pt/.pth/.bin "
+                                          "state_dict, or a Hugging Face model folder."),
+        model: str | None = model_option(),
+        model_args: str | None = model_args_option(),
+        data: str = data_option(),
+        data_args: str | None = data_args_option(),
         split: str = typer.Option("train", "--split", help="Data split: train or test."),
         subset: int | None = typer.Option(None, "--subset", help="Use only the first N examples."),
         guess: str = typer.Option("random", "--guess", help="random, rademacher, local or previous."),
@@ -28,16 +34,25 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from ridgeline.cli import fail, load_data
+        from ridgeline.cli_options import (
+            check_output_file,
+            check_subset,
+            fail,
+            load_data,
+            load_model,
+            parse_json_object,
+        )
         from ridgeline.errors import RidgelineError
-        from ridgeline.train import load
 
         from .quality import quality
 
         try:
-            model = load(checkpoint)
-            dataset = load_data(data, split, subset)
-            result = quality(model, dataset, guess=guess, repeats=repeats,
+            check_subset(subset)
+            check_output_file(out, "--json")
+            data_kwargs = parse_json_object(data_args, "--data-args")
+            net = load_model(checkpoint, model, model_args)
+            dataset = load_data(data, split, subset, data_kwargs)
+            result = quality(net, dataset, guess=guess, repeats=repeats,
                              num_guesses=num_guesses, combine=combine, seed=seed,
                              fit_epochs=fit_epochs)
         except RidgelineError as exc:

@@ -7,12 +7,18 @@ from pathlib import Path
 
 import typer
 
+from ridgeline.cli_options import data_args_option, data_option, model_args_option, model_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("ntk")
     def ntk_command(
-        checkpoint: Path = typer.Argument(..., help="A checkpoint written by ridgeline (.safetensors)."),
-        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        checkpoint: Path = typer.Argument(..., help="A checkpoint: .safetensors, a .pt/.pth/.bin "
+                                          "state_dict, or a Hugging Face model folder."),
+        model: str | None = model_option(),
+        model_args: str | None = model_args_option(),
+        data: str = data_option(),
+        data_args: str | None = data_args_option(),
         split: str = typer.Option("train", "--split", help="train or test."),
         n: int = typer.Option(512, "--n", help="Number of examples (the first n of the split)."),
         trace: str = typer.Option("sum", "--trace", help="sum or mean over the outputs."),
@@ -27,25 +33,39 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from ridgeline.cli import fail, load_data, progress_on
+        from ridgeline import Objective
+        from ridgeline.cli_options import (
+            check_plot_path,
+            fail,
+            load_data,
+            load_model,
+            parse_json_object,
+            progress_on,
+        )
         from ridgeline.errors import ConfigError, RidgelineError
         from ridgeline.kernels import alignment, empirical_ntk, plan_ntk, spectrum
-        from ridgeline.train import load
 
         try:
             if trace not in ("sum", "mean"):
                 raise ConfigError(f"--trace must be 'sum' or 'mean', got {trace!r}.")
             if n < 1:
                 raise ConfigError(f"--n must be positive, got {n}.")
-            model = load(checkpoint).eval()
-            dataset = load_data(data, split, n)
-            first = next(model.parameters())
-            inputs = dataset.inputs.to(device=first.device, dtype=first.dtype)
+            check_plot_path(plot)
+            data_kwargs = parse_json_object(data_args, "--data-args")
+            net = load_model(checkpoint, model, model_args).eval()
+            dataset = load_data(data, split, n, data_kwargs)
+            # the same checks as every other instrument: finite inputs, labels in range
+            Objective(net, dataset, "mse" if dataset.targets.is_floating_point()
+                      else "cross_entropy")
+            first = next(net.parameters())
+            inputs = dataset.inputs.to(first.device)
+            if inputs.is_floating_point():  # token ids stay integers
+                inputs = inputs.to(first.dtype)
             options = dict(trace=trace, method=method, chunk_size=chunk_size,
                            memory_budget=memory_budget)
-            plan = plan_ntk(model, inputs, **options)
+            plan = plan_ntk(net, inputs, **options)
             began = time.perf_counter()
-            kernel = empirical_ntk(model, inputs, progress=progress_on(), **options)
+            kernel = empirical_ntk(net, inputs, progress=progress_on(), **options)
             seconds = time.perf_counter() - began
             result = spectrum(kernel)
             labels = dataset.targets

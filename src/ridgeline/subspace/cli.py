@@ -7,23 +7,7 @@ from pathlib import Path
 
 import typer
 
-
-def _ints(text: str, what: str) -> list[int]:
-    from ridgeline.errors import ConfigError
-
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}.") from exc
-
-
-def _floats(text: str, what: str) -> list[float]:
-    from ridgeline.errors import ConfigError
-
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}.") from exc
+from ridgeline.cli_options import data_args_option, data_option, model_args_option
 
 
 def _baseline(text: str):
@@ -37,12 +21,15 @@ def _baseline(text: str):
         raise ConfigError(f"--baseline must be 'measured' or an accuracy such as 1.0, got {text!r}.") from exc
 
 
-def _model_fn(model: str, widths: list[int], data):
-    """A zero-argument builder of the reference model for the data's shape."""
-    from ridgeline.cli import reference_model_arguments
+def _model_fn(model: str, widths: list[int], data, extra: dict | None = None):
+    """A zero-argument builder of the model for the data's shape: a reference model sized
+    from the data (``extra`` overrides its arguments), or any factory with ``extra``."""
+    from ridgeline.cli import BUILT_IN_MODELS, reference_model_arguments
     from ridgeline.models import build_model
 
-    kwargs = reference_model_arguments(model, widths, data)
+    extra = dict(extra or {})
+    kwargs = ({**reference_model_arguments(model, widths, data), **extra}
+              if model in BUILT_IN_MODELS else extra)
     build_model(model, **kwargs)  # fail fast on bad arguments
     return lambda: build_model(model, **kwargs)
 
@@ -50,8 +37,11 @@ def _model_fn(model: str, widths: list[int], data):
 def register(app: typer.Typer) -> None:
     @app.command("intrinsic-dim")
     def intrinsic_dim(
-        model: str = typer.Option("mlp", "--model", help="mlp, cnn1d or resnet."),
-        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        model: str = typer.Option("mlp", "--model",
+                                  help="mlp, cnn1d, resnet, or your own factory MODULE:CALLABLE."),
+        model_args: str | None = model_args_option(),
+        data: str = data_option(),
+        data_args: str | None = data_args_option(),
         widths: str = typer.Option("64,64", "--widths", help="Hidden widths (mlp) or channels."),
         dims: str = typer.Option("10,30,100,300,1000,3000", "--dims",
                                  help="Subspace dimensions to try (the coarse grid)."),
@@ -78,18 +68,37 @@ def register(app: typer.Typer) -> None:
         plot: Path | None = typer.Option(None, "--plot", help="Save accuracy vs d (png/svg/pdf)."),
     ) -> None:
         """Accuracy of training in random d-dimensional subspaces, and d_int90 (Li et al. 2018)."""
-        from ridgeline.cli import fail, load_data, progress_on
+        from ridgeline.cli_options import (
+            check_output_file,
+            check_plot_path,
+            check_subset,
+            fail,
+            load_data,
+            parse_floats,
+            parse_ints,
+            parse_json_object,
+            progress_on,
+        )
         from ridgeline.errors import RidgelineError
         from ridgeline.subspace.intrinsic import intrinsic_dimension
 
         try:
-            train_data, test_data = load_data(data, "train", subset), load_data(data, "test")
+            check_subset(subset)
+            check_output_file(json_out, "--json")
+            check_plot_path(plot)
+            sizes, grid = parse_ints(widths, "--widths"), parse_ints(dims, "--dims")
+            rates = parse_floats(lr, "--lr")
+            base_rates = parse_floats(baseline_lr, "--baseline-lr") if baseline_lr else None
+            chosen_baseline = _baseline(baseline)
+            extra = parse_json_object(model_args, "--model-args")
+            data_kwargs = parse_json_object(data_args, "--data-args")
+            train_data = load_data(data, "train", subset, data_kwargs)
+            test_data = load_data(data, "test", None, data_kwargs)
             result = intrinsic_dimension(
-                _model_fn(model, _ints(widths, "--widths"), train_data), train_data,
-                dims=_ints(dims, "--dims"), threshold=threshold, baseline=_baseline(baseline),
+                _model_fn(model, sizes, train_data, extra), train_data,
+                dims=grid, threshold=threshold, baseline=chosen_baseline,
                 epochs=epochs, seeds=seeds, search=search, eval_data=test_data,
-                projection=projection, optimizer=optimizer, lr=_floats(lr, "--lr"),
-                baseline_lr=_floats(baseline_lr, "--baseline-lr") if baseline_lr else None,
+                projection=projection, optimizer=optimizer, lr=rates, baseline_lr=base_rates,
                 baseline_epochs=baseline_epochs,
                 batch_size=batch_size, seed=seed, progress=progress_on())
         except RidgelineError as exc:
