@@ -231,8 +231,10 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
                ) -> nn.Module:
     """Copy ``state`` into ``model`` after checking that every tensor fits (names and shapes);
     raises :class:`ArchitectureMismatchError` listing the tensors that do not."""
-    expected = model.state_dict()
-    problems = [f"'{k}' missing from the checkpoint" for k in expected if k not in state]
+    expected = model.state_dict(keep_vars=True)
+    tied = _tied_names(expected, state)
+    problems = [f"'{k}' missing from the checkpoint" for k in expected
+                if k not in state and k not in tied]
     problems += [f"'{k}' is in the checkpoint but not in the model" for k in state if k not in expected]
     problems += [f"'{k}' has shape {tuple(state[k].shape)} in the checkpoint but "
                  f"{tuple(expected[k].shape)} in the model"
@@ -241,9 +243,19 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
         shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise ArchitectureMismatchError(f"checkpoint {source} does not fit the model: {shown}. Build "
                                         "the model with the arguments it was saved with.")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not tied)
     model.eval()
     return model
+
+
+def _tied_names(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> set[str]:
+    """Model tensors missing from ``state`` that share memory with one it holds (tied
+    weights, e.g. a language model's output layer and its embedding): loading the other
+    fills them."""
+    present = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+               for k, t in expected.items() if k in state and t.numel()}
+    return {k for k, t in expected.items() if k not in state and t.numel()
+            and (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) in present}
 
 
 def _build(factory: str, model_args: Mapping[str, Any] | None, source: str) -> nn.Module:
