@@ -161,7 +161,6 @@ def test_hvp_with_a_wrong_size_vector_is_a_shape_error_and_flat_vectors_work():
 # ----------------------------------------------------------------------------- -q and warnings
 def test_quiet_is_accepted_after_the_command(tmp_path, data, monkeypatch):
     import os
-
     from importlib import import_module
 
     train_module = import_module("ridgeline.train")

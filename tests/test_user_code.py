@@ -83,6 +83,26 @@ def test_user_data_errors(user_package):
         load_dataset("nope")
 
 
+def test_factories_and_data_are_checked_without_running_them(user_package, tmp_path):
+    from ridgeline.data import check_dataset
+    from ridgeline.models import check_model
+
+    check_model("rl_userpkg.nets:make", width=3)
+    check_model("mlp", in_features=3, widths=[4], out_features=2)
+    check_dataset("rl_userpkg.data:load", n=5)
+    check_dataset("gaussian_mixture", num_samples=10)
+    with pytest.raises(ConfigError, match=r"make\(in_features=12"):
+        check_model("rl_userpkg.nets:make", depth=3)
+    with pytest.raises(ConfigError, match="unknown model"):
+        check_model("nope")
+    with pytest.raises(ConfigError, match=r"no_split\(n=4\)"):
+        check_dataset("rl_userpkg.data:no_split")
+    with pytest.raises(ConfigError, match="rl_userpkg.broken"):
+        check_dataset("rl_userpkg.broken:load")
+    with pytest.raises(ConfigError, match="gaussian_mixture"):
+        check_dataset("gaussian_mixture", bogus=1)
+
+
 # ----------------------------------------------------------------------------- CLI
 def _explicit_top_eigenvalues(net: torch.nn.Module, x, y, k: int) -> list[float]:
     """Ground truth: eigenvalues of the Hessian built column by column with autograd."""

@@ -15,8 +15,8 @@ from typing import Any
 
 from ridgeline.errors import ConfigError
 
-__all__ = ["is_import_path", "resolve_callable", "call_user", "describe_signature",
-           "check_rebuildable"]
+__all__ = ["is_import_path", "resolve_callable", "call_user", "check_arguments",
+           "describe_signature", "check_rebuildable", "json_safe_arguments"]
 
 
 def is_import_path(spec: Any) -> bool:
@@ -85,18 +85,24 @@ def call_user(fn: Callable[..., Any], spec: str, what: str, *args: Any,
     A mismatch raises :class:`ConfigError` with the arguments given and the signature.
     Exceptions raised inside the user's code propagate unchanged (with their traceback).
     """
+    check_arguments(fn, spec, what, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def check_arguments(fn: Callable[..., Any], spec: str, what: str, *args: Any,
+                    **kwargs: Any) -> None:
+    """Raise :class:`ConfigError` (with the signature) when the arguments do not bind to
+    ``fn``; nothing is called. For validating a configuration before any work."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            given = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
-            raise ConfigError(f"{what} {spec!r} cannot be called with ({given}): {exc}. Its "
-                              f"signature is {describe_signature(fn)}.") from exc
-    return fn(*args, **kwargs)
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        given = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+        raise ConfigError(f"{what} {spec!r} cannot be called with ({given}): {exc}. Its "
+                          f"signature is {describe_signature(fn)}.") from exc
 
 
 def check_rebuildable(spec: str, source: str) -> None:

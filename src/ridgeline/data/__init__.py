@@ -10,7 +10,7 @@ from ridgeline.data.user import as_dataset, load_user_data
 from ridgeline.errors import DataError
 
 __all__ = ["Dataset", "mnist1d", "digits", "gaussian_mixture", "teacher", "load_dataset",
-           "load_user_data", "as_dataset", "DATASETS"]
+           "load_user_data", "as_dataset", "check_dataset", "DATASETS"]
 
 DATASETS = {"mnist1d": mnist1d, "digits": digits, "gaussian_mixture": gaussian_mixture,
             "teacher": teacher}
@@ -34,3 +34,20 @@ def load_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
         return DATASETS[name](split=split, **kwargs)
     except TypeError as exc:
         raise DataError(f"bad arguments for dataset {name!r}: {exc}") from exc
+
+
+def check_dataset(name: str, **kwargs) -> None:
+    """Check a dataset name and its arguments without loading it: a built-in name, or user
+    code ``"package.module:callable"`` that imports and accepts ``split=`` and ``kwargs``.
+    Raises :class:`~ridgeline.errors.ConfigError`/:class:`DataError`; for validating a study
+    before any work."""
+    from ridgeline.usercode import check_arguments, resolve_callable
+
+    if ":" in name:
+        check_arguments(resolve_callable(name, "data function"), name, "data function",
+                        split="train", **kwargs)
+        return
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; built-in datasets are {sorted(DATASETS)}, or "
+                        "name your own data function as 'package.module:callable'.")
+    check_arguments(DATASETS[name], name, "dataset", split="train", **kwargs)

@@ -3,8 +3,8 @@
 from ridgeline.models.cnn import cnn1d
 from ridgeline.models.layers import NTKLinear
 from ridgeline.models.mlp import mlp
-from ridgeline.models.registry import FACTORIES, build_model, model_factory
+from ridgeline.models.registry import FACTORIES, build_model, check_model, model_factory
 from ridgeline.models.resnet import ResNet, resnet
 
-__all__ = ["mlp", "cnn1d", "resnet", "ResNet", "NTKLinear", "build_model", "model_factory",
-           "FACTORIES"]
+__all__ = ["mlp", "cnn1d", "resnet", "ResNet", "NTKLinear", "build_model", "check_model",
+           "model_factory", "FACTORIES"]

@@ -72,3 +72,19 @@ def build_model(factory: str, **kwargs: Any) -> nn.Module:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad arguments for model {factory!r} ({kwargs}): {exc}. Its signature "
                           f"is {describe_signature(FACTORIES[factory])}.") from exc
+
+
+def check_model(factory: str, **kwargs: Any) -> None:
+    """Check a model's factory and arguments without building it: the factory is registered
+    (or its ``"package.module:callable"`` imports) and the arguments fit its signature.
+    Raises :class:`ConfigError`; for validating a study before any work."""
+    from ridgeline.usercode import check_arguments, is_import_path, resolve_callable
+
+    if is_import_path(factory):
+        check_arguments(resolve_callable(factory, "model factory"), factory, "model factory",
+                        **kwargs)
+        return
+    if factory not in FACTORIES:
+        raise ConfigError(f"unknown model {factory!r}; known models are {sorted(FACTORIES)}, or "
+                          "name your own factory as 'package.module:callable'.")
+    check_arguments(FACTORIES[factory], factory, "model", **kwargs)
