@@ -161,6 +161,27 @@ def reference_model_arguments(model: str, widths: list[int], data) -> dict:
 BUILT_IN_MODELS = ("mlp", "cnn1d", "resnet")
 
 
+def model_arguments(model: str, widths: list[int], data, extra: dict) -> dict:
+    """Keyword arguments of ``--model`` for ``data``: the reference models (mlp, cnn1d,
+    resnet) are sized from the data and ``--widths``; another registered factory gets
+    ``in_features``/``out_features`` from the data when its signature has them; user code
+    gets ``--model-args`` only. ``--model-args`` (``extra``) always wins."""
+    if model in BUILT_IN_MODELS:
+        return {**reference_model_arguments(model, widths, data), **extra}
+    if ":" in model:
+        return dict(extra)
+    import inspect
+
+    from ridgeline.models import FACTORIES
+
+    if model not in FACTORIES:
+        return dict(extra)
+    sizes = reference_model_arguments("mlp", widths, data)
+    parameters = inspect.signature(FACTORIES[model]).parameters
+    filled = {k: sizes[k] for k in ("in_features", "out_features") if k in parameters}
+    return {**filled, **extra}
+
+
 @app.command("train")
 def train_command(
     out: Path = typer.Option(..., "--out", help="Checkpoint path (.safetensors)."),
@@ -207,10 +228,7 @@ def train_command(
         data_kwargs = parse_json_object(data_args, "--data-args")
         train_data = load_data(data, "train", args=data_kwargs)
         test_data = load_data(data, "test", args=data_kwargs)
-        if model in BUILT_IN_MODELS:
-            kwargs = {**reference_model_arguments(model, sizes, train_data), **extra}
-        else:
-            kwargs = extra
+        kwargs = model_arguments(model, sizes, train_data, extra)
         torch.manual_seed(seed)
         net = build_model(model, **kwargs)
         result = train(net, train_data, optimizer=optimizer, lr=lr, momentum=momentum,

@@ -24,12 +24,10 @@ def _baseline(text: str):
 def _model_fn(model: str, widths: list[int], data, extra: dict | None = None):
     """A zero-argument builder of the model for the data's shape: a reference model sized
     from the data (``extra`` overrides its arguments), or any factory with ``extra``."""
-    from ridgeline.cli import BUILT_IN_MODELS, reference_model_arguments
+    from ridgeline.cli import model_arguments
     from ridgeline.models import build_model
 
-    extra = dict(extra or {})
-    kwargs = ({**reference_model_arguments(model, widths, data), **extra}
-              if model in BUILT_IN_MODELS else extra)
+    kwargs = model_arguments(model, widths, data, dict(extra or {}))
     build_model(model, **kwargs)  # fail fast on bad arguments
     return lambda: build_model(model, **kwargs)
 
