@@ -172,11 +172,18 @@ def check_output_file(path: Path | None, option: str) -> None:
 def load_model(checkpoint: Path, model: str | None = None, model_args: str | None = None):
     """The model in ``checkpoint`` (any format :func:`ridgeline.load` reads), built by
     ``--model``/``--model-args`` when given, else from the sidecar or Hugging Face config."""
-    from ridgeline.checkpoints import load
+    from ridgeline.checkpoints import is_huggingface_folder, load
 
     kwargs = parse_json_object(model_args, "--model-args")
     if kwargs and model is None:
         raise ConfigError("--model-args needs --model (the factory they are passed to).")
+    if not progress_on() and is_huggingface_folder(checkpoint):
+        try:  # transformers' own loading bars follow --quiet too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     return load(checkpoint, factory=model, model_args=kwargs if model else None)
 
 
