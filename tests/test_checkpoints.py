@@ -213,6 +213,24 @@ def test_a_hugging_face_folder_loads_through_transformers(tmp_path):
     assert _same_state(into, model)
 
 
+def test_a_hugging_face_folder_with_a_pytorch_bin_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, vocab_size=30, num_labels=3,
+                                     max_position_embeddings=16,
+                                     architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    folder = tmp_path / "bert"
+    config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    loaded = ridgeline.load(folder)
+    assert type(loaded).__name__ == "BertForSequenceClassification"
+    assert _same_state(loaded, model)
+    assert _same_state(ridgeline.load(folder, transformers.BertForSequenceClassification(config)),
+                       model)
+
+
 def test_a_hugging_face_folder_with_missing_tensors_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
