@@ -59,6 +59,13 @@ def test_save_then_load_rebuilds_a_registered_model_from_the_sidecar(tmp_path):
     assert load is ridgeline.load and save is ridgeline.save
 
 
+def test_save_writes_safetensors_whatever_the_name_but_never_a_pt_file(tmp_path):
+    net = _net()
+    assert _same_state(ridgeline.load(ridgeline.save(net, tmp_path / "model")), net)
+    with pytest.raises(CheckpointError, match="m.safetensors"):
+        ridgeline.save(net, tmp_path / "m.pt")
+
+
 def test_tied_weights_are_saved(tmp_path):
     net = torch.nn.Sequential(torch.nn.Embedding(4, 3), torch.nn.Linear(3, 4, bias=False))
     net[1].weight = net[0].weight

@@ -85,6 +85,9 @@ def save(model: nn.Module, path: str | os.PathLike, *,
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; save to a file such as {path / 'model.safetensors'}.")
+    if path.suffix.lower() in STATE_DICT_SUFFIXES:
+        raise CheckpointError(f"ridgeline.save writes safetensors, not a pickled {path.suffix} file; "
+                              f"name it {path.with_suffix('.safetensors').name}.")
     if not distributed.is_main_process():
         distributed.barrier()
         return path
@@ -150,8 +153,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         return _read_folder_weights(path)
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return _read_safetensors(path)
+    if suffix == ".safetensors" or (suffix not in STATE_DICT_SUFFIXES
+                                    and _sidecar(path).is_file()):
+        return _read_safetensors(path)  # ridgeline.save writes safetensors whatever the name
     if suffix in STATE_DICT_SUFFIXES:
         return _read_torch(path)
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; ridgeline reads "

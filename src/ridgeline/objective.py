@@ -277,7 +277,10 @@ class Objective:
     def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
             ) -> Params:
         """H v with H = ∇²L(θ), by forward-over-reverse differentiation
-        (``jvp`` of ``grad``), summed over batches with size weights."""
+        (``jvp`` of ``grad``), summed over batches with size weights.
+
+        ``v`` is a dict of tensors by parameter name (shaped like the parameters) or one
+        flat vector of length P; anything else raises ShapeMismatchError before any work."""
         params = self._params_or_current(params)
         tangent = self._tangent(v, params)
         batch_grad = grad(self.batch_loss)
