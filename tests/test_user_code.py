@@ -142,7 +142,8 @@ def test_cli_curvature_on_a_plain_state_dict_with_user_code_matches_the_explicit
                            "--k", "2", "--tol", "1e-6", "-q"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    printed = [float(re.search(rf"λ{i}\s*│\s*([-0-9.e+]+)", done.stdout).group(1)) for i in (1, 2)]
+    printed = [float(re.search(rf"λ{i}\s*│\s*([-0-9.e+]+)", done.stdout).group(1))
+               for i in (1, 2)]
     truth = _explicit_top_eigenvalues(net, *load("train"), k=2)
     assert printed == pytest.approx(truth, rel=1e-4)
 
@@ -156,7 +157,8 @@ def test_cli_needs_the_model_for_a_plain_state_dict(tmp_path, user_package):
     assert result.exit_code == 2 and "--model" in result.output
     result = runner.invoke(app, base + ["--model", "rl_userpkg.nets:make", "--model-args",
                                         '{"width": 4}'])
-    assert result.exit_code == 2 and "'0.weight' has shape (8, 12) in the checkpoint" in result.output
+    assert result.exit_code == 2
+    assert "'0.weight' has shape (8, 12) in the checkpoint" in result.output
     result = runner.invoke(app, base + ["--model", "rl_userpkg.nets:make", "--model-args", "{oops"])
     assert result.exit_code == 2 and "--model-args must be a JSON object" in result.output
     assert "Traceback" not in result.output

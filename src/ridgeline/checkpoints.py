@@ -84,10 +84,11 @@ def save(model: nn.Module, path: str | os.PathLike, *,
 
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; save to a file such as {path / 'model.safetensors'}.")
+        raise CheckpointError(f"{path} is a folder; save to a file such as "
+                              f"{path / 'model.safetensors'}.")
     if path.suffix.lower() in STATE_DICT_SUFFIXES:
-        raise CheckpointError(f"ridgeline.save writes safetensors, not a pickled {path.suffix} file; "
-                              f"name it {path.with_suffix('.safetensors').name}.")
+        raise CheckpointError(f"ridgeline.save writes safetensors, not a pickled {path.suffix} "
+                              f"file; name it {path.with_suffix('.safetensors').name}.")
     if not distributed.is_main_process():
         distributed.barrier()
         return path
@@ -239,20 +240,23 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
     tied = _tied_names(expected, state)
     problems = [f"'{k}' missing from the checkpoint" for k in expected
                 if k not in state and k not in tied]
-    problems += [f"'{k}' is in the checkpoint but not in the model" for k in state if k not in expected]
+    problems += [f"'{k}' is in the checkpoint but not in the model"
+                 for k in state if k not in expected]
     problems += [f"'{k}' has shape {tuple(state[k].shape)} in the checkpoint but "
-                 f"{tuple(expected[k].shape)} in the model"
-                 for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+                 f"{tuple(expected[k].shape)} in the model" for k in expected
+                 if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if problems:
-        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise ArchitectureMismatchError(f"checkpoint {source} does not fit the model: {shown}. Build "
-                                        "the model with the arguments it was saved with.")
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ArchitectureMismatchError(f"checkpoint {source} does not fit the model: "
+                                        f"{'; '.join(problems[:10])}{more}. Build the model with "
+                                        "the arguments it was saved with.")
     model.load_state_dict(state, strict=not tied)
     model.eval()
     return model
 
 
-def _tied_names(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> set[str]:
+def _tied_names(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+                ) -> set[str]:
     """Model tensors missing from ``state`` that share memory with one it holds (tied
     weights, e.g. a language model's output layer and its embedding): loading the other
     fills them."""
@@ -300,8 +304,9 @@ def _huggingface(folder: Path) -> nn.Module:
     try:
         import transformers
     except ImportError as exc:
-        raise CheckpointError(f"{folder} is a Hugging Face model folder; reading it needs the "
-                              "optional transformers package: pip install 'ridgeline[hf]'.") from exc
+        raise CheckpointError(
+            f"{folder} is a Hugging Face model folder; reading it needs the optional "
+            "transformers package: pip install 'ridgeline[hf]'.") from exc
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -68,8 +68,8 @@ def model_option(default: str | None = None, help: str | None = None) -> Any:
 
 
 def model_args_option() -> Any:
-    return typer.Option(None, "--model-args",
-                        help="Keyword arguments of --model as a JSON object, e.g. '{\"width\": 64}'.")
+    return typer.Option(None, "--model-args", help="Keyword arguments of --model as a JSON "
+                                                   "object, e.g. '{\"width\": 64}'.")
 
 
 def data_option(default: str = "mnist1d") -> Any:
@@ -222,7 +222,8 @@ def load_data(name: str, split: str = "train", subset: int | None = None,
         except DataError:
             raise
         except (OSError, ValueError) as exc:
-            raise DataError(f"--data {name} is not a readable .npz of numeric arrays: {exc}") from exc
+            raise DataError(f"--data {name} is not a readable .npz of numeric arrays: "
+                            f"{exc}") from exc
         if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
             raise DataError(f"--data {name}: x and y must be numeric, got {x.dtype} and {y.dtype}.")
         if x.shape[:1] != y.shape[:1] or x.ndim == 0:

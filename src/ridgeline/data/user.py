@@ -80,7 +80,8 @@ def as_dataset(data: Any, *, name: str = "data", source: str = "data") -> Datase
     if isinstance(data, Dataset):
         return data
     declared = getattr(data, "num_classes", None)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
+    pair = isinstance(data, (tuple, list)) and len(data) == 2
+    if pair and not isinstance(data[0], (tuple, list)):
         inputs = _tensor(data[0], "inputs", source)
         targets = _tensor(data[1], "targets", source)
     elif getattr(data, "tensors", None) is not None and len(data.tensors) >= 2:
