@@ -69,8 +69,11 @@ def register(app: typer.Typer) -> None:
             seconds = time.perf_counter() - began
             result = spectrum(kernel)
             labels = dataset.targets
-            aligned = alignment(kernel, labels)
-            centred = alignment(kernel, labels, centered=True)
+            # kernel-target alignment needs one label (or target vector) per example; token
+            # targets (N, T) of a sequence model have none
+            per_example = labels.is_floating_point() or labels.dim() == 1
+            aligned = alignment(kernel, labels) if per_example else None
+            centred = alignment(kernel, labels, centered=True) if per_example else None
         except RidgelineError as exc:
             fail(exc)
         values = result.values
@@ -88,8 +91,12 @@ def register(app: typer.Typer) -> None:
         table.add_row("condition number", f"{result.condition_number:.4g}", "λ1 / λ_min")
         table.add_row("effective rank", f"{result.effective_rank:.4g}", "(Σλ)² / Σλ²")
         table.add_row("trace", f"{result.trace:.6g}", "")
-        table.add_row("alignment", f"{aligned:.4f}", "⟨K, YYᵀ⟩ / ‖K‖‖YYᵀ‖")
-        table.add_row("centred alignment", f"{centred:.4f}", "with K ← HKH, H = I − 11ᵀ/N")
+        if aligned is None:
+            table.add_row("alignment", "—", "needs one label per example (these targets are "
+                          f"{tuple(labels.shape[1:])} per example)")
+        else:
+            table.add_row("alignment", f"{aligned:.4f}", "⟨K, YYᵀ⟩ / ‖K‖‖YYᵀ‖")
+            table.add_row("centred alignment", f"{centred:.4f}", "with K ← HKH, H = I − 11ᵀ/N")
         Console().print(table)
         if plot is not None:
             import matplotlib
