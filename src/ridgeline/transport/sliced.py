@@ -93,9 +93,11 @@ def sliced_wasserstein(x: Any, y: Any, *, projections: int | torch.Tensor = 100,
     Ŝ = (1/L) Σ_l W_p^p(θ_l#μ, θ_l#ν) over L uniform directions; the value returned is
     Ŝ^{1/p}. The 1-D distances are exact: sorted projections for uniform weights and equal
     sizes, quantile functions otherwise. For p = 2 a Gaussian control variate G reduces
-    the variance: Ŝ = mean(W) − γ (mean(G) − E G), γ = Cov(W, G)/Var(G) from the same
-    draws (Nguyen & Ho 2024), with G = (θᵀΔm)² ("lower") or G = (θᵀΔm)² + θᵀΣ_xθ +
-    θᵀΣ_yθ ("upper") and E G known in closed form; covariances are never formed.
+    the variance: Ŝ = (1/L) Σ_l [W_l − γ_{−l}(G_l − E G)], γ_{−l} = Cov(W, G)/Var(G)
+    cross-fitted on the other draws so that Ŝ stays unbiased (Nguyen & Ho 2024; see
+    :func:`~ridgeline.transport.control_variates.combine`), with G = (θᵀΔm)² ("lower") or
+    G = (θᵀΔm)² + θᵀΣ_xθ + θᵀΣ_yθ ("upper") and E G known in closed form; covariances are
+    never formed.
 
     Differentiable in ``x``, ``y`` and the weights (γ included), batched over leading
     dimensions (every pair uses the same directions), on the inputs' device and dtype
