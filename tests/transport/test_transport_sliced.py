@@ -379,6 +379,32 @@ def test_two_standard_errors_cover_the_closed_form_at_L_5_10_100(kind):
             assert 0.85 < float(se.median()) / float(estimate.std()) < 1.15
 
 
+def test_memory_is_estimated_before_allocating_and_an_L_that_fits_is_named():
+    """10^8 directions would need gigabytes; with a 2 MiB budget the request is refused at
+    once (nothing of that size is allocated) with the largest L that fits, and that L then
+    runs within the same budget, chunked, giving the unchunked estimate."""
+    import re
+
+    from ridgeline.errors import MemoryBudgetError
+
+    x, y = gaussian_pair(n=20, m=20, d=3)
+    with pytest.raises(MemoryBudgetError, match=r"projections=\d+") as caught:
+        sliced_wasserstein(x, y, projections=100_000_000, memory_budget="2MiB", seed=0)
+    fits = int(re.search(r"projections=(\d+)", str(caught.value)).group(1))
+    assert 1_000 < fits < 100_000
+    with pytest.raises(MemoryBudgetError):
+        sliced_wasserstein(x, y, projections=fits + 10, memory_budget="2MiB", seed=0)
+    value = sliced_wasserstein(x, y, projections=fits, memory_budget="2MiB", seed=0)
+    whole = sliced_wasserstein(x, y, projections=fits, chunk_size=fits, seed=0)
+    assert float(value) == pytest.approx(float(whole), rel=1e-10)
+    # differentiable inputs keep per-direction autograd buffers: fewer directions fit
+    with pytest.raises(MemoryBudgetError, match="differentiable"):
+        sliced_wasserstein(x.clone().requires_grad_(True), y, projections=fits,
+                           memory_budget="2MiB", seed=0)
+    with pytest.raises(ConfigError, match="memory_budget"):
+        sliced_wasserstein(x, y, projections=10, memory_budget="lots")
+
+
 def test_batched_weights_on_a_shared_cloud_match_one_at_a_time():
     gen = torch.Generator().manual_seed(8)
     x, y = torch.randn(10, 3, generator=gen, dtype=F64), torch.randn(12, 3, generator=gen, dtype=F64)
