@@ -1,0 +1,228 @@
+"""Check a whole study before any work: every name resolves, every option is valid.
+
+:func:`validate_study` asks the registries (datasets, model factories, training methods,
+measurement kinds) whether each name in the config resolves, binds every argument table
+against the function it is passed to, builds every model, sets up (without a step) every
+model's training, and checks every measurement's options, including the study models it
+names. It reports every problem at once, each with its field and the valid choices, before
+the run folder is created.
+
+Model references in measurement options follow one convention: an option named ``model``,
+``models``, ``others`` or ending in ``_model``/``_models`` names study models.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ridgeline.errors import ConfigError, RidgelineError
+from ridgeline.study.config import ModelConfig, StudyConfig
+
+__all__ = ["validate_study", "model_references", "SPLITS"]
+
+SPLITS = ("train", "test")
+
+
+def _choices(names) -> str:
+    return ", ".join(repr(n) for n in sorted(names))
+
+
+def _bind(function: Callable, args: dict, where: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Problems binding ``args`` as keyword arguments of ``function`` (typos, missing)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return []
+    params = {n: p for n, p in signature.parameters.items() if n not in skip}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    keywords = [n for n, p in params.items()
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    problems = [f"{where}: unknown argument '{key}'; its arguments are {keywords}"
+                for key in args if key not in params]
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+               and p.kind not in (inspect.Parameter.VAR_POSITIONAL,) and n not in args]
+    if missing:
+        problems.append(f"{where}: missing required argument(s) {missing}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- data
+def _check_data(config: StudyConfig) -> list[str]:
+    from ridgeline.data import DATASETS
+
+    cfg = config.data
+    if cfg.name not in DATASETS:
+        return [f"data.name: unknown dataset {cfg.name!r}; the datasets are {_choices(DATASETS)}"]
+    return _bind(DATASETS[cfg.name], cfg.args, f"data.args (dataset {cfg.name!r})", skip=("split",))
+
+
+# ----------------------------------------------------------------------------- models
+def _build(model: ModelConfig) -> tuple[torch.nn.Module | None, list[str]]:
+    from ridgeline.models import FACTORIES, build_model
+
+    where = f"models.{model.name}"
+    if model.factory not in FACTORIES:
+        return None, [f"{where}.factory: unknown model factory {model.factory!r}; the factories "
+                      f"are {_choices(FACTORIES)}"]
+    problems = _bind(FACTORIES[model.factory], model.args, f"{where}.args (factory "
+                     f"{model.factory!r})")
+    if problems:
+        return None, problems
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model.init_seed)
+            return build_model(model.factory, **model.args), []
+    except Exception as exc:  # noqa: BLE001 - any failure to build is a config problem
+        return None, [f"{where}.args: factory {model.factory!r} cannot build the model from "
+                      f"{model.args}: {exc}"]
+
+
+def _check_training(config: StudyConfig, model: ModelConfig, built: torch.nn.Module | None,
+                    data) -> list[str]:
+    """The model's training settings, set up for real on a few examples (no step taken)."""
+    import importlib
+
+    training = importlib.import_module("ridgeline.train")  # the module, not the function
+    where = f"models.{model.name}"
+    try:
+        settings = config.training_for(model.name)
+    except ConfigError as exc:
+        return [f"{where}.training: {exc}"]
+    training._load_method_plugins()
+    if settings.optimizer not in training.TRAINING_METHODS:
+        return [f"training.optimizer of model {model.name!r}: unknown optimizer "
+                f"{settings.optimizer!r}; the optimizers are {_choices(training.TRAINING_METHODS)}"]
+    if built is None or data is None:
+        return []
+    probe = data.subset(min(len(data), 8))
+    try:
+        training.train(copy.deepcopy(built), probe, optimizer=settings.optimizer, lr=settings.lr,
+                       momentum=settings.momentum, weight_decay=settings.weight_decay, epochs=0,
+                       batch_size=settings.batch_size, seed=settings.seed, loss=settings.loss,
+                       scheduler=settings.scheduler, progress=False, **settings.options)
+    except RidgelineError as exc:
+        return [f"training of model {model.name!r}: {exc}"]
+    return []
+
+
+def _check_fit(model: ModelConfig, built: torch.nn.Module, loss: str, data: dict) -> list[str]:
+    """Every example of each split fits the model (input shape, label range, finite)."""
+    from ridgeline.objective import Objective
+
+    problems = []
+    for split, dataset in data.items():
+        try:
+            Objective(built, dataset, loss)
+        except RidgelineError as exc:
+            problems.append(f"models.{model.name} on the {split} data ({model.factory}, "
+                            f"{model.args}): {exc}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- measurements
+def model_references(options: Any) -> dict[str, list[str]]:
+    """{option name: study model names} for a measurement's parsed options."""
+    out = {}
+    for name in type(options).model_fields:
+        if not (name in ("model", "models", "others") or name.endswith(("_model", "_models"))):
+            continue
+        value = getattr(options, name)
+        if value is None:
+            continue
+        names = [value] if isinstance(value, str) else list(value)
+        out[name] = [str(n) for n in names]
+    return out
+
+
+def _check_measurements(config: StudyConfig) -> list[str]:
+    from ridgeline.study.registry import measurement_kinds
+
+    kinds = measurement_kinds()
+    models = [m.name for m in config.models]
+    trained_explicitly: dict[str, int] = {}
+    for index, entry in enumerate(config.measurements):
+        if entry.kind == "train" and isinstance(entry.options.get("model"), str):
+            trained_explicitly.setdefault(entry.options["model"], index)
+    problems = []
+    for index, entry in enumerate(config.measurements):
+        where = f"measurements[{index}] ({entry.id or entry.kind!r})"
+        kind = kinds.get(entry.kind)
+        if kind is None:
+            problems.append(f"{where}.kind: unknown measurement kind {entry.kind!r}; the kinds "
+                            f"are {_choices(kinds)}")
+            continue
+        try:
+            options = kind.parse_options(entry.options, f"measurement {entry.id or entry.kind!r}")
+        except ConfigError as exc:
+            problems.append(str(exc).rstrip("."))
+            continue
+        for field, names in model_references(options).items():
+            for name in names:
+                if name not in models:
+                    problems.append(f"{where}.{field}: the study has no model {name!r}; its "
+                                    f"models are {models}")
+                elif trained_explicitly.get(name, -1) > index:
+                    problems.append(f"{where}.{field}: model {name!r} is trained by "
+                                    f"measurements[{trained_explicitly[name]}], after this one; "
+                                    "move its 'train' entry before the measurements that use it")
+        for field in type(options).model_fields:
+            value = getattr(options, field)
+            if field in ("split", "splits") and value is not None:
+                bad = [v for v in ([value] if isinstance(value, str) else value) if v not in SPLITS]
+                if bad:
+                    problems.append(f"{where}.{field}: unknown split(s) {bad}; the splits are "
+                                    f"{list(SPLITS)}")
+            if (field == "subset" or field.endswith("_subset")) and isinstance(value, int) \
+                    and not isinstance(value, bool) and value < 1:
+                problems.append(f"{where}.{field}: a subset must be at least 1 example (or "
+                                f"omitted for all of them); got {value}")
+        if kind.check is not None:
+            try:
+                problems += [f"{where}: {p}" for p in (kind.check(config, options) or [])]
+            except RidgelineError as exc:
+                problems.append(f"{where}: {exc}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- entry point
+def validate_study(config: StudyConfig, *,
+                   dataset: Callable[[str], Any] | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem of the study, before any work.
+
+    Parameters
+    ----------
+    config : StudyConfig
+    dataset : callable (split) -> Dataset, optional
+        Loads the study's data (a :class:`StudyContext`'s ``dataset``, so that the run reuses
+        what is loaded here). With it, every model is also checked against every example of
+        both splits and its training is set up on a few examples; without it, the checks
+        stop at names and arguments.
+    """
+    problems = list(_check_data(config))
+    data = None
+    if not problems and dataset is not None:
+        try:
+            data = {split: dataset(split) for split in SPLITS}
+        except RidgelineError as exc:
+            problems.append(f"data ({config.data.name!r}, args {config.data.args}): {exc}")
+    problems += _check_measurements(config)
+    for model in config.models:
+        built, found = _build(model)
+        problems += found
+        problems += _check_training(config, model, built, data["train"] if data else None)
+        if built is not None and data is not None and not found:
+            try:
+                loss = config.training_for(model.name).loss
+            except ConfigError:
+                continue
+            problems += _check_fit(model, built, loss, data)
+    if problems:
+        shown = "\n  - ".join(problems)
+        raise ConfigError(f"the study {config.name!r} has {len(problems)} problem"
+                          f"{'s' if len(problems) > 1 else ''}; nothing was run:\n  - {shown}")
