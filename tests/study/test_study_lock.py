@@ -3,7 +3,6 @@ goes with its process however it ends, and ``--out`` naming a file is a clear er
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

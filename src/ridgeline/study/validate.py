@@ -96,8 +96,10 @@ def _check_training(config: StudyConfig, model: ModelConfig, built: torch.nn.Mod
         return [f"{where}.training: {exc}"]
     training._load_method_plugins()
     if settings.optimizer not in training.TRAINING_METHODS:
-        return [f"training.optimizer of model {model.name!r}: unknown optimizer "
-                f"{settings.optimizer!r}; the optimizers are {_choices(training.TRAINING_METHODS)}"]
+        field = f"{where}.training.optimizer" if "optimizer" in model.training else \
+            "training.optimizer"
+        return [f"{field}: unknown optimizer {settings.optimizer!r}; the optimizers are "
+                f"{_choices(training.TRAINING_METHODS)}"]
     if built is None or data is None:
         return []
     probe = data.subset(min(len(data), 8))
@@ -222,6 +224,7 @@ def validate_study(config: StudyConfig, *,
             except ConfigError:
                 continue
             problems += _check_fit(model, built, loss, data)
+    problems = list(dict.fromkeys(problems))  # a global setting's problem once, not per model
     if problems:
         shown = "\n  - ".join(problems)
         raise ConfigError(f"the study {config.name!r} has {len(problems)} problem"

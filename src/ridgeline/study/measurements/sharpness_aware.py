@@ -232,7 +232,21 @@ def _report(record: dict) -> str:
     return table_html(_table_rows(result)) + figure_html(fig, caption=caption) + notes
 
 
+def _check(config, options: SharpnessAwareOptions) -> list[str]:
+    import importlib
+
+    training = importlib.import_module("ridgeline.train")
+    training._load_method_plugins()
+    known = training.TRAINING_METHODS
+    problems = [f"methods: unknown training method {m!r}; the methods are {sorted(known)}"
+                for m in options.methods if m not in known]
+    problems += [f"method_options.{m}: {m!r} is not in methods {list(options.methods)}"
+                 for m in options.method_options if m not in options.methods]
+    return problems
+
+
 @register_measurement("sharpness_aware", options=SharpnessAwareOptions, report=_report,
+                      check=_check,
                       summary=_summary,
                       description="SGD vs SAM, ASAM, SAF and MESA on one model under one budget.")
 def run_sharpness_aware(ctx, options: SharpnessAwareOptions) -> dict:
