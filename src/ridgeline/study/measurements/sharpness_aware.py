@@ -238,11 +238,10 @@ def _check(config, options: SharpnessAwareOptions) -> list[str]:
     training = importlib.import_module("ridgeline.train")
     training._load_method_plugins()
     known = training.TRAINING_METHODS
-    problems = [f"methods: unknown training method {m!r}; the methods are {sorted(known)}"
-                for m in options.methods if m not in known]
-    problems += [f"method_options.{m}: {m!r} is not in methods {list(options.methods)}"
-                 for m in options.method_options if m not in options.methods]
-    return problems
+    return [f"{field}: unknown training method {m!r}; the methods are {sorted(known)}"
+            for field, names in (("methods", options.methods),
+                                 ("method_options", options.method_options))
+            for m in names if m not in known]
 
 
 @register_measurement("sharpness_aware", options=SharpnessAwareOptions, report=_report,
