@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 from ridgeline.study.registry import Options, register_measurement
 
 CALLS: list[str] = []
@@ -18,6 +21,9 @@ def _weights_sum(ctx, options: WeightsSumOptions) -> dict:
     CALLS.append(options.label)
     if options.label == "boom":
         raise RuntimeError("simulated failure")
+    if options.label == "hang" and os.environ.get("RIDGELINE_TEST_HANG"):
+        print("hanging", flush=True)  # the test kills this process now
+        time.sleep(120)
     return {name: float(sum(p.detach().sum() for p in ctx.model(name).parameters()))
             for name in options.models}
 

@@ -3,10 +3,12 @@ goes with its process however it ends, and ``--out`` naming a file is a clear er
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from study_helpers import CALLS, tiny
@@ -55,16 +57,36 @@ def test_a_second_run_on_a_folder_in_use_is_refused_before_any_work(holder):
     assert CALLS == []
 
 
-def test_a_lock_left_by_a_killed_run_is_taken_over(holder):
-    run, proc = holder
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+STUDY = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from study_helpers import tiny
+    from ridgeline.study import config_from_dict, run_study
+    config = tiny(measurements=[{"kind": "weights_sum", "id": "uses-a", "label": "a"},
+                                {"kind": "weights_sum", "id": "hang", "label": "hang"}])
+    run_study(config_from_dict(config), sys.argv[1], progress=False, report=False)
+""")
+
+
+def test_a_study_killed_mid_run_keeps_its_work_and_its_lock_goes_with_it(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "RIDGELINE_TEST_HANG": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-c", STUDY, str(run), str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "hanging"  # inside measurement "hang"
+        config = config_from_dict(tiny(measurements=[
+            {"kind": "weights_sum", "id": "uses-a", "label": "a"},
+            {"kind": "weights_sum", "id": "hang", "label": "hang"}]))
+        with pytest.raises(RunInUseError, match=f"in use by process {proc.pid} "):
+            run_study(config, run, progress=False)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert f'"pid": {proc.pid}' in (run / LOCK_NAME).read_text()  # its record is still there
-    lock = RunLock(run).acquire()  # the kernel released the flock with the process
-    assert lock.stale["pid"] == proc.pid
-    lock.release()
-    outcome = run_study(config_from_dict(tiny()), run, progress=False)
-    assert outcome.ran == ["train:a", "train:b", "uses-a", "uses-b"]
+    outcome = run_study(config, run, progress=False)  # the kernel released its flock
+    assert outcome.ran == ["hang"] and outcome.skipped == ["train:a", "train:b", "uses-a"]
 
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
@@ -90,3 +112,29 @@ def test_out_naming_an_existing_file_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert existing.read_text() == "keep me" and ResultStore(tmp_path).records() == []
+
+
+def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
+    """On file systems without flock (some network mounts): held while the pid is alive."""
+    import errno
+    import fcntl
+    import json
+    import socket
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps(
+            {"pid": sleeper.pid, "host": socket.gethostname(), "started": 0}))
+        with pytest.raises(RunInUseError, match=f"process {sleeper.pid} "):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with RunLock(tmp_path) as lock:  # the process is gone: a stale lock, taken over
+        assert lock.stale["pid"] == sleeper.pid
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # released: no holder

@@ -121,15 +121,16 @@ def test_a_last_line_missing_only_its_newline_counts_once(tmp_path):
 def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
     config = config_from_dict(tiny())
     (tmp_path / "checkpoints").mkdir()
-    left = [tmp_path / ".report.html.k3x9a_0q.tmp", tmp_path / ".config.toml.abc.tmp",
-            tmp_path / "checkpoints" / ".a.safetensors.zz1.tmp"]
+    left = [tmp_path / ".report.html.k3x9a_0q.tmp", tmp_path / ".config.toml.abcdefgh.tmp",
+            tmp_path / "checkpoints" / ".a.safetensors.zz1_9k2m.tmp"]
     for path in left:
         path.write_bytes(b"")  # what a kill between mkstemp and the write leaves
-    keep = tmp_path / "notes.tmp"
-    keep.write_text("not ours")
+    keep = [tmp_path / "notes.tmp", tmp_path / ".notes.txt.abcdefgh.tmp"]  # not ours
+    for path in keep:
+        path.write_text("keep me")
     run_study(config, tmp_path, progress=False)
-    assert not any(path.exists() for path in left) and keep.exists()
-    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("checkpoints/.*.tmp"))
+    assert not any(path.exists() for path in left) and all(path.exists() for path in keep)
+    assert not list(tmp_path.glob("checkpoints/.*.tmp"))
 
 
 def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -47,16 +48,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile.mkstemp's
+_RUN_FILES = ("report.html", "config.toml", "results.jsonl")
+
+
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete the ``.<name>.*.tmp`` files of atomic writes that a killed process left in
-    ``run_dir`` and ``run_dir/checkpoints``. Only call this while holding the run's lock
-    (no other writer can be mid-write). Returns the removed paths."""
+    """Delete the ``.<name>.XXXXXXXX.tmp`` files of atomic writes that a killed process left:
+    of ``report.html``, ``config.toml`` and ``results.jsonl`` in ``run_dir``, and of any
+    checkpoint in ``run_dir/checkpoints``. Only call this while holding the run's lock (no
+    other writer can be mid-write). Returns the removed paths."""
     removed = []
     run_dir = Path(run_dir)
-    for folder in (run_dir, run_dir / "checkpoints"):
+    for folder, names in ((run_dir, _RUN_FILES), (run_dir / "checkpoints", None)):
         if not folder.is_dir():
             continue
         for tmp in folder.glob(".*.tmp"):
+            match = _TEMPORARY.match(tmp.name)
+            if match is None or (names is not None and match["name"] not in names):
+                continue
             try:
                 tmp.unlink()
                 removed.append(tmp)
