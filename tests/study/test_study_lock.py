@@ -70,22 +70,23 @@ STUDY = textwrap.dedent("""
 
 def test_a_study_killed_mid_run_keeps_its_work_and_its_lock_goes_with_it(tmp_path):
     run = tmp_path / "run"
+    run_study(config_from_dict(tiny(measurements=[])), run, progress=False, report=False)
     env = {**os.environ, "RIDGELINE_TEST_HANG": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen([sys.executable, "-c", STUDY, str(run), str(Path(__file__).parent)],
                             stdout=subprocess.PIPE, text=True, env=env)
+    config = config_from_dict(tiny(measurements=[
+        {"kind": "weights_sum", "id": "uses-a", "label": "a"},
+        {"kind": "weights_sum", "id": "hang", "label": "hang"}]))
     try:
         assert proc.stdout.readline().strip() == "hanging"  # inside measurement "hang"
-        config = config_from_dict(tiny(measurements=[
-            {"kind": "weights_sum", "id": "uses-a", "label": "a"},
-            {"kind": "weights_sum", "id": "hang", "label": "hang"}]))
         with pytest.raises(RunInUseError, match=f"in use by process {proc.pid} "):
             run_study(config, run, progress=False)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert f'"pid": {proc.pid}' in (run / LOCK_NAME).read_text()  # its record is still there
-    outcome = run_study(config, run, progress=False)  # the kernel released its flock
+    outcome = run_study(config, run, progress=False, report=False)  # its flock went with it
     assert outcome.ran == ["hang"] and outcome.skipped == ["train:a", "train:b", "uses-a"]
 
 

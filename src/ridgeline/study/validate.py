@@ -102,6 +102,8 @@ def _check_training(config: StudyConfig, model: ModelConfig, built: torch.nn.Mod
                 f"{_choices(training.TRAINING_METHODS)}"]
     if built is None or data is None:
         return []
+    if settings.optimizer in ("sgd", "adam", "adamw") and not settings.options:
+        return []  # nothing a setup could refuse that the config's own checks let through
     probe = data.subset(min(len(data), 8))
     try:
         training.train(copy.deepcopy(built), probe, optimizer=settings.optimizer, lr=settings.lr,
