@@ -113,6 +113,8 @@ def test_out_naming_an_existing_file_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert existing.read_text() == "keep me" and ResultStore(tmp_path).records() == []
+    with pytest.raises(ConfigError, match="cannot create the run folder"):
+        run_study(config_from_dict(tiny()), existing / "run", progress=False)
 
 
 def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):

@@ -196,16 +196,22 @@ def run_study(config: StudyConfig, run_dir: str | Path | None = None, *, progres
     store = ResultStore(run_dir)
     ctx = StudyContext(config, run_dir, progress=progress, store=store)
     with contextlib.ExitStack() as stack:
-        existed = run_dir.is_dir()
+        existed = _rank0_says(run_dir.is_dir())  # one answer, before any rank creates it
         if existed:
             _lock(run_dir, stack, say)  # refuse a folder in use before any other work
         validate_study(config, dataset=ctx.dataset)
         plan = planned_measurements(config)
         text = config_text or dump_toml(config.model_dump(mode="json", exclude_none=True))
         if not existed:
+            error = None
             if distributed.is_main_process():
-                run_dir.mkdir(parents=True, exist_ok=True)
-            distributed.barrier()
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    error = ConfigError(f"cannot create the run folder {run_dir}: {exc}. Pass "
+                                        "--out a folder that can be created and written.")
+            if not _rank0_says(error is None):
+                raise error or ConfigError(f"rank 0 could not create the run folder {run_dir}.")
             _lock(run_dir, stack, say)
         if distributed.is_main_process():
             _prepare(run_dir, store, text, say)
