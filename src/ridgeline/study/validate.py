@@ -93,7 +93,7 @@ def _check_training(config: StudyConfig, model: ModelConfig, built: torch.nn.Mod
     try:
         settings = config.training_for(model.name)
     except ConfigError as exc:
-        return [f"{where}.training: {exc}"]
+        return [str(exc).rstrip(".")]
     training._load_method_plugins()
     if settings.optimizer not in training.TRAINING_METHODS:
         field = f"{where}.training.optimizer" if "optimizer" in model.training else \
@@ -119,28 +119,28 @@ def _check_fit(model: ModelConfig, built: torch.nn.Module, loss: str, data: dict
     """Every example of each split fits the model (input shape, label range, finite)."""
     from ridgeline.objective import Objective
 
-    problems = []
     for split, dataset in data.items():
         try:
             Objective(built, dataset, loss)
-        except RidgelineError as exc:
-            problems.append(f"models.{model.name} on the {split} data ({model.factory}, "
-                            f"{model.args}): {exc}")
-    return problems
+        except RidgelineError as exc:  # the first split that does not fit says it all
+            return [f"models.{model.name} on the {split} data ({model.factory}, "
+                    f"{model.args}): {exc}"]
+    return []
 
 
 # ----------------------------------------------------------------------------- measurements
 def model_references(options: Any) -> dict[str, list[str]]:
-    """{option name: study model names} for a measurement's parsed options."""
+    """{option name: study model names} for a measurement's options (parsed, or a raw dict)."""
+    values = options if isinstance(options, dict) else \
+        {name: getattr(options, name) for name in type(options).model_fields}
     out = {}
-    for name in type(options).model_fields:
+    for name, value in values.items():
         if not (name in ("model", "models", "others") or name.endswith(("_model", "_models"))):
             continue
-        value = getattr(options, name)
-        if value is None:
-            continue
-        names = [value] if isinstance(value, str) else list(value)
-        out[name] = [str(n) for n in names]
+        if isinstance(value, str):
+            out[name] = [value]
+        elif isinstance(value, (list, tuple)):
+            out[name] = [str(n) for n in value]
     return out
 
 
@@ -165,8 +165,8 @@ def _check_measurements(config: StudyConfig) -> list[str]:
             options = kind.parse_options(entry.options, f"measurement {entry.id or entry.kind!r}")
         except ConfigError as exc:
             problems.append(str(exc).rstrip("."))
-            continue
-        for field, names in model_references(options).items():
+            options = None
+        for field, names in model_references(options or entry.options).items():
             for name in names:
                 if name not in models:
                     problems.append(f"{where}.{field}: the study has no model {name!r}; its "
@@ -175,6 +175,8 @@ def _check_measurements(config: StudyConfig) -> list[str]:
                     problems.append(f"{where}.{field}: model {name!r} is trained by "
                                     f"measurements[{trained_explicitly[name]}], after this one; "
                                     "move its 'train' entry before the measurements that use it")
+        if options is None:
+            continue
         for field in type(options).model_fields:
             value = getattr(options, field)
             if field in ("split", "splits") and value is not None:
