@@ -53,6 +53,11 @@ def test_a_second_run_on_a_folder_in_use_is_refused_before_any_work(holder):
     with pytest.raises(RunInUseError, match=f"in use by process {proc.pid} ") as info:
         run_study(config_from_dict(tiny()), run, progress=False)
     assert "--out" in str(info.value)
+    config = run.parent / "tiny.toml"
+    config.write_text('name = "t"\n[[models]]\nname = "a"\nargs = { in_features = 40, '
+                      'widths = [4], out_features = 10 }\n')
+    result = CliRunner().invoke(app, ["study", str(config), "--out", str(run)])
+    assert result.exit_code == 2 and f"in use by process {proc.pid}" in result.output
     assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing written, nothing run
     assert CALLS == []
 
