@@ -199,7 +199,7 @@ def run_study(config: StudyConfig, run_dir: str | Path | None = None, *, progres
         existed = _rank0_says(run_dir.is_dir())  # one answer, before any rank creates it
         if existed:
             _lock(run_dir, stack, say)  # refuse a folder in use before any other work
-        validate_study(config, dataset=ctx.dataset)
+        validate_study(config, context=ctx)
         plan = planned_measurements(config)
         text = config_text or dump_toml(config.model_dump(mode="json", exclude_none=True))
         if not existed:

@@ -54,27 +54,36 @@ def _bind(function: Callable, args: dict, where: str, skip: tuple[str, ...] = ()
 
 # ----------------------------------------------------------------------------- data
 def _check_data(config: StudyConfig) -> list[str]:
+    """A built-in dataset's name and arguments (other sources are checked by loading them)."""
     from ridgeline.data import DATASETS
 
     cfg = config.data
-    if cfg.name not in DATASETS:
-        return [f"data.name: unknown dataset {cfg.name!r}; the datasets are {_choices(DATASETS)}"]
-    return _bind(DATASETS[cfg.name], cfg.args, f"data.args (dataset {cfg.name!r})", skip=("split",))
+    if cfg.name in DATASETS:
+        return _bind(DATASETS[cfg.name], cfg.args, f"data.args (dataset {cfg.name!r})",
+                     skip=("split",))
+    if ":" in cfg.name or "." in cfg.name:  # a user source ("package.module:callable", a file)
+        return []
+    return [f"data.name: unknown dataset {cfg.name!r}; the datasets are {_choices(DATASETS)}"]
 
 
 # ----------------------------------------------------------------------------- models
-def _build(model: ModelConfig) -> tuple[torch.nn.Module | None, list[str]]:
+def _build(model: ModelConfig, build: Callable[[str], torch.nn.Module] | None
+           ) -> tuple[torch.nn.Module | None, list[str]]:
+    """The model built as the run will build it (``build``: a context's), or the problems."""
     from ridgeline.models import FACTORIES, build_model
 
     where = f"models.{model.name}"
-    if model.factory not in FACTORIES:
+    if model.factory in FACTORIES:
+        problems = _bind(FACTORIES[model.factory], model.args,
+                         f"{where}.args (factory {model.factory!r})")
+        if problems:
+            return None, problems
+    elif ":" not in model.factory:  # "package.module:callable" is resolved by building it
         return None, [f"{where}.factory: unknown model factory {model.factory!r}; the factories "
                       f"are {_choices(FACTORIES)}"]
-    problems = _bind(FACTORIES[model.factory], model.args, f"{where}.args (factory "
-                     f"{model.factory!r})")
-    if problems:
-        return None, problems
     try:
+        if build is not None:
+            return build(model.name), []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(model.init_seed)
             return build_model(model.factory, **model.args), []
@@ -197,29 +206,29 @@ def _check_measurements(config: StudyConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- entry point
-def validate_study(config: StudyConfig, *,
-                   dataset: Callable[[str], Any] | None = None) -> None:
+def validate_study(config: StudyConfig, *, context: Any = None) -> None:
     """Raise :class:`ConfigError` listing every problem of the study, before any work.
 
     Parameters
     ----------
     config : StudyConfig
-    dataset : callable (split) -> Dataset, optional
-        Loads the study's data (a :class:`StudyContext`'s ``dataset``, so that the run reuses
-        what is loaded here). With it, every model is also checked against every example of
-        both splits and its training is set up on a few examples; without it, the checks
-        stop at names and arguments.
+    context : StudyContext, optional
+        Loads the data and builds the models as the run will (``context.dataset(split)``,
+        ``context.build(name)``), so that the run reuses what is loaded here. With it, every
+        model is also checked against every example of both splits and its training is set
+        up on a few examples; without it, the checks stop at names and arguments (each model
+        is still built).
     """
     problems = list(_check_data(config))
     data = None
-    if not problems and dataset is not None:
+    if not problems and context is not None:
         try:
-            data = {split: dataset(split) for split in SPLITS}
+            data = {split: context.dataset(split) for split in SPLITS}
         except RidgelineError as exc:
             problems.append(f"data ({config.data.name!r}, args {config.data.args}): {exc}")
     problems += _check_measurements(config)
     for model in config.models:
-        built, found = _build(model)
+        built, found = _build(model, context.build if context is not None else None)
         problems += found
         problems += _check_training(config, model, built, data["train"] if data else None)
         if built is not None and data is not None and not found:
