@@ -50,6 +50,7 @@ class StudyContext:
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         self.store = store or ResultStore(run_dir)
         self.used_checkpoints: dict[str, str | None] = {}
+        self._digests: dict[tuple, str] = {}
 
     @property
     def seed(self) -> int:
@@ -78,6 +79,19 @@ class StudyContext:
             torch.manual_seed(cfg.init_seed)
             return build_model(cfg.factory, **cfg.args)
 
+    def checkpoint_digest(self, name: str) -> str | None:
+        """:func:`checkpoint_digest` of model ``name``'s trained checkpoint (cached while the
+        file's size and modification time stay the same)."""
+        path = self.checkpoint_path(name)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (name, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if key not in self._digests:
+            self._digests[key] = checkpoint_digest(path)
+        return self._digests[key]
+
     def initial_model(self, name: str) -> nn.Module:
         """Model ``name`` at initialisation (before training)."""
         return self.build(name).eval()
@@ -91,7 +105,7 @@ class StudyContext:
             raise CheckpointError(f"model {name!r} has no checkpoint at {path}: it was removed "
                                   "while the study ran. Run the study again: it retrains models "
                                   "whose checkpoint is missing and redoes what used them.")
-        self.used_checkpoints[name] = checkpoint_digest(path)
+        self.used_checkpoints[name] = self.checkpoint_digest(name)
         return load(path, self.build(name))
 
     def record(self, measurement_id: str) -> dict[str, Any] | None:

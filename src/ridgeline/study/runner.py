@@ -30,7 +30,7 @@ from ridgeline._version import __version__
 from ridgeline.errors import ConfigError, RidgelineError, RunInUseError
 from ridgeline.progress import console
 from ridgeline.study.config import MeasurementConfig, StudyConfig, dump_toml
-from ridgeline.study.context import StudyContext, checkpoint_digest
+from ridgeline.study.context import StudyContext
 from ridgeline.study.lock import RunLock
 from ridgeline.study.registry import get_measurement
 from ridgeline.study.store import (
@@ -142,7 +142,7 @@ def _redo_reason(item: PlannedMeasurement, previous: dict | None, ctx: StudyCont
 
         name = item.options["model"]
         path = ctx.checkpoint_path(name)
-        digest = checkpoint_digest(path)
+        digest = ctx.checkpoint_digest(name)
         if digest is None:
             return f"the checkpoint {path.name} is missing"
         if previous.get("checkpoint_sha256") not in (None, digest):
@@ -158,7 +158,7 @@ def _redo_reason(item: PlannedMeasurement, previous: dict | None, ctx: StudyCont
         used = {n: None for names in model_references(kind.options(**item.options)).values()
                 for n in names}
     for name, digest in used.items():
-        now = checkpoint_digest(ctx.checkpoint_path(name))
+        now = ctx.checkpoint_digest(name)
         if now is None:
             return f"model {name!r}'s checkpoint, which it used, is missing"
         if (digest is None and name in retrained) or digest not in (None, now):
@@ -250,7 +250,7 @@ def _run(config: StudyConfig, plan: list[PlannedMeasurement], ctx: StudyContext,
                   "duration_s": time.time() - started, "result": result}
         if item.kind == "train":
             name = item.options["model"]
-            record["checkpoint_sha256"] = checkpoint_digest(ctx.checkpoint_path(name))
+            record["checkpoint_sha256"] = ctx.checkpoint_digest(name)
             retrained.add(name)
         store.append(record)
         say(f"    done in {time.time() - started:.1f} s")
