@@ -88,10 +88,12 @@ def test_data_that_does_not_fit_a_model_is_refused_before_training(tmp_path):
 def test_training_options_and_splits_are_checked(tmp_path):
     config = tiny()
     config["models"][0]["training"] = {"optimizer": "sam", "options": {"rho_typo": 0.1}}
+    config["models"][1]["training"] = {"loss": "crossentropy"}
     config["measurements"] = [{"kind": "slice", "model": "a", "split": "validation"}]
     message = _refused(tmp_path, config)
     assert "training of model 'a': bad options for optimizer 'sam'" in message
     assert "rho_typo" in message
+    assert "models.b.training.loss: unknown loss 'crossentropy'; the losses are" in message
     assert ".split: unknown split(s) ['validation']; the splits are ['train', 'test']" in message
 
 

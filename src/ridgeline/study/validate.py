@@ -109,6 +109,11 @@ def _check_training(config: StudyConfig, model: ModelConfig, built: torch.nn.Mod
             "training.optimizer"
         return [f"{field}: unknown optimizer {settings.optimizer!r}; the optimizers are "
                 f"{_choices(training.TRAINING_METHODS)}"]
+    from ridgeline.losses import LOSSES
+
+    if settings.loss not in LOSSES:
+        field = f"{where}.training.loss" if "loss" in model.training else "training.loss"
+        return [f"{field}: unknown loss {settings.loss!r}; the losses are {_choices(LOSSES)}"]
     if built is None or data is None:
         return []
     if settings.optimizer in ("sgd", "adam", "adamw") and not settings.options:
@@ -119,8 +124,9 @@ def _check_training(config: StudyConfig, model: ModelConfig, built: torch.nn.Mod
                        momentum=settings.momentum, weight_decay=settings.weight_decay, epochs=0,
                        batch_size=settings.batch_size, seed=settings.seed, loss=settings.loss,
                        scheduler=settings.scheduler, progress=False, **settings.options)
-    except RidgelineError as exc:
-        return [f"training of model {model.name!r}: {exc}"]
+    except Exception as exc:  # noqa: BLE001 - any failure to set up is a config problem
+        text = str(exc) if isinstance(exc, RidgelineError) else f"{type(exc).__name__}: {exc}"
+        return [f"training of model {model.name!r}: {text}"]
     return []
 
 
@@ -230,13 +236,10 @@ def validate_study(config: StudyConfig, *, context: Any = None) -> None:
     for model in config.models:
         built, found = _build(model, context.build if context is not None else None)
         problems += found
-        problems += _check_training(config, model, built, data["train"] if data else None)
-        if built is not None and data is not None and not found:
-            try:
-                loss = config.training_for(model.name).loss
-            except ConfigError:
-                continue
-            problems += _check_fit(model, built, loss, data)
+        training = _check_training(config, model, built, data["train"] if data else None)
+        problems += training
+        if built is not None and data is not None and not training:
+            problems += _check_fit(model, built, config.training_for(model.name).loss, data)
     problems = list(dict.fromkeys(problems))  # a global setting's problem once, not per model
     if problems:
         shown = "\n  - ".join(problems)
