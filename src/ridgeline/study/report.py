@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ridgeline.study.config import dump_toml
 from ridgeline.study.figures import section_html, table_html
 from ridgeline.study.registry import measurement_kinds
 from ridgeline.study.store import ResultStore, atomic_write_text
@@ -65,6 +66,13 @@ def settings_differences(used: dict | None, current: dict | None) -> list[str]:
     return out
 
 
+def _settings_text(settings: dict) -> str:
+    try:
+        return dump_toml(settings)
+    except (TypeError, AttributeError):  # not a shape the small TOML writer knows
+        return json.dumps(settings, indent=1)
+
+
 def _record_section(record: dict, kinds: dict, current: dict | None = None) -> str:
     kind = kinds.get(record["kind"])
     meta = (f'<p class="meta">kind <code>{html.escape(record["kind"])}</code> · '
@@ -72,7 +80,7 @@ def _record_section(record: dict, kinds: dict, current: dict | None = None) -> s
             f'<code>{html.escape(json.dumps(record.get("options", {})))}</code></p>')
     if record.get("settings") is not None:
         meta += ('<details class="meta"><summary>computed with these study settings</summary>'
-                 f'<pre>{html.escape(json.dumps(record["settings"], indent=1))}</pre></details>')
+                 f'<pre>{html.escape(_settings_text(record["settings"]))}</pre></details>')
     differences = settings_differences(record.get("settings"), current)
     if differences:
         meta += ('<p class="error">computed with other study settings than the current '
