@@ -53,8 +53,12 @@ def test_argument_and_override_typos_are_refused(tmp_path):
     config["models"][1]["training"] = {"epoch": 3}
     config["measurements"][0]["lable"] = "x"
     message = _refused(tmp_path, config)
-    assert "data.args (dataset 'gaussian_mixture'): unknown argument 'num_sample'" in message
-    assert "models.a.args (factory 'mlp'): unknown argument 'width'" in message
+    assert "data.args: dataset 'gaussian_mixture' cannot be called with" in message
+    assert "unexpected keyword argument 'num_sample'" in message
+    assert "Its signature is gaussian_mixture(num_samples" in message  # the valid arguments
+    assert "models.a.args: model 'mlp' cannot be called with" in message
+    assert "unexpected keyword argument 'width'" in message
+    assert "Its signature is mlp(in_features" in message
     assert "training overrides of model 'b': unknown key 'epoch'" in message
     assert "unknown option 'lable'" in message and "Options of 'weights_sum' are" in message
 
@@ -129,3 +133,13 @@ def test_instrument_options_are_checked_before_training(tmp_path):
     assert "methods: unknown training method 'sma'" in message
     assert "guesses: unknown guess 'locale'; the guesses are" in message
     assert "projection: unknown projection 'gaussian'; the projections are" in message
+
+
+def test_user_code_that_does_not_resolve_is_refused_before_training(tmp_path):
+    config = tiny()
+    config["data"] = {"name": "ridgeline.data:no_such_loader"}
+    config["models"][0]["factory"] = "no_such_package.nets:make"
+    message = _refused(tmp_path, config)
+    assert "data.name: data function 'ridgeline.data:no_such_loader'" in message
+    assert "has no attribute 'no_such_loader'" in message
+    assert "models.a.factory: model factory 'no_such_package.nets:make': cannot import" in message

@@ -14,7 +14,6 @@ Model references in measurement options follow one convention: an option named `
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,55 +31,50 @@ def _choices(names) -> str:
     return ", ".join(repr(n) for n in sorted(names))
 
 
-def _bind(function: Callable, args: dict, where: str, skip: tuple[str, ...] = ()) -> list[str]:
-    """Problems binding ``args`` as keyword arguments of ``function`` (typos, missing)."""
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return []
-    params = {n: p for n, p in signature.parameters.items() if n not in skip}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    keywords = [n for n, p in params.items()
-                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    problems = [f"{where}: unknown argument '{key}'; its arguments are {keywords}"
-                for key in args if key not in params]
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
-               and p.kind not in (inspect.Parameter.VAR_POSITIONAL,) and n not in args]
-    if missing:
-        problems.append(f"{where}: missing required argument(s) {missing}")
-    return problems
-
-
 # ----------------------------------------------------------------------------- data
 def _check_data(config: StudyConfig) -> list[str]:
-    """A built-in dataset's name and arguments (other sources are checked by loading them)."""
-    from ridgeline.data import DATASETS
+    """The dataset's name (built-in, or user code ``"package.module:callable"``) and its
+    arguments against the data function's signature, without loading anything."""
+    from ridgeline.data import DATASETS, check_dataset
+    from ridgeline.usercode import is_import_path, resolve_callable
 
     cfg = config.data
-    if cfg.name in DATASETS:
-        return _bind(DATASETS[cfg.name], cfg.args, f"data.args (dataset {cfg.name!r})",
-                     skip=("split",))
-    if ":" in cfg.name or "." in cfg.name:  # a user source ("package.module:callable", a file)
-        return []
-    return [f"data.name: unknown dataset {cfg.name!r}; the datasets are {_choices(DATASETS)}"]
+    try:
+        if is_import_path(cfg.name):
+            resolve_callable(cfg.name, "data function")
+        elif cfg.name not in DATASETS:
+            return [f"data.name: unknown dataset {cfg.name!r}; the datasets are "
+                    f"{_choices(DATASETS)}, or your own data function 'package.module:callable'"]
+    except RidgelineError as exc:
+        return [f"data.name: {exc}"]
+    try:
+        check_dataset(cfg.name, **cfg.args)
+    except RidgelineError as exc:
+        return [f"data.args: {exc}"]
+    return []
 
 
 # ----------------------------------------------------------------------------- models
 def _build(model: ModelConfig, build: Callable[[str], torch.nn.Module] | None
            ) -> tuple[torch.nn.Module | None, list[str]]:
     """The model built as the run will build it (``build``: a context's), or the problems."""
-    from ridgeline.models import FACTORIES, build_model
+    from ridgeline.models import FACTORIES, build_model, check_model
+    from ridgeline.usercode import is_import_path, resolve_callable
 
     where = f"models.{model.name}"
-    if model.factory in FACTORIES:
-        problems = _bind(FACTORIES[model.factory], model.args,
-                         f"{where}.args (factory {model.factory!r})")
-        if problems:
-            return None, problems
-    elif ":" not in model.factory:  # "package.module:callable" is resolved by building it
-        return None, [f"{where}.factory: unknown model factory {model.factory!r}; the factories "
-                      f"are {_choices(FACTORIES)}"]
+    try:
+        if is_import_path(model.factory):
+            resolve_callable(model.factory, "model factory")
+        elif model.factory not in FACTORIES:
+            return None, [f"{where}.factory: unknown model factory {model.factory!r}; the "
+                          f"factories are {_choices(FACTORIES)}, or your own "
+                          "'package.module:callable'"]
+    except RidgelineError as exc:
+        return None, [f"{where}.factory: {exc}"]
+    try:
+        check_model(model.factory, **model.args)
+    except RidgelineError as exc:
+        return None, [f"{where}.args: {exc}"]
     try:
         if build is not None:
             return build(model.name), []
@@ -88,8 +82,9 @@ def _build(model: ModelConfig, build: Callable[[str], torch.nn.Module] | None
             torch.manual_seed(model.init_seed)
             return build_model(model.factory, **model.args), []
     except Exception as exc:  # noqa: BLE001 - any failure to build is a config problem
+        text = str(exc) if isinstance(exc, RidgelineError) else f"{type(exc).__name__}: {exc}"
         return None, [f"{where}.args: factory {model.factory!r} cannot build the model from "
-                      f"{model.args}: {exc}"]
+                      f"{model.args}: {text}"]
 
 
 def _check_training(config: StudyConfig, model: ModelConfig, built: torch.nn.Module | None,
