@@ -63,7 +63,7 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
     identity = {p: torch.arange(n) for p, n in spec.perms.items()}
     perms: list[dict[str, torch.Tensor]] = []
     notes: list[str] = list(spec.notes)
-    for i, model in enumerate(models):
+    for model in models:
         if model is reference and not reference_given:
             perms.append(dict(identity))
             continue
