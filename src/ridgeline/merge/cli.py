@@ -1,0 +1,102 @@
+"""``ridgeline merge A B [C ...] --method fisher --align weights --data mnist1d --out m.safetensors``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("merge")
+    def merge_command(
+        checkpoints: list[Path] = typer.Argument(..., help="Checkpoints to merge (.safetensors), "
+                                                      "one architecture."),
+        out: Path | None = typer.Option(None, "--out", help="Write the merged model here "
+                                                           "(.safetensors)."),
+        method: str = typer.Option("average", "--method",
+                                   help="average, fisher, task_arithmetic, ties or dare."),
+        align_method: str | None = typer.Option(None, "--align",
+                                                help="Align first: weights or activations."),
+        base: Path | None = typer.Option(None, "--base", help="Base checkpoint (task_arithmetic, "
+                                                             "ties, dare)."),
+        weights: str | None = typer.Option(None, "--weights", help="Comma-separated weights, one "
+                                                                   "per checkpoint."),
+        scale: float = typer.Option(1.0, "--scale", help="λ of the task-vector methods."),
+        density: float = typer.Option(0.2, "--density", help="Kept fraction (ties, dare)."),
+        fisher: str = typer.Option("exact", "--fisher", help="exact or empirical."),
+        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        subset: int | None = typer.Option(None, "--subset",
+                                          help="Use only the first N training examples (Fisher, "
+                                               "activations, BatchNorm reset)."),
+        reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn",
+                                      help="Re-estimate BatchNorm statistics of the merge."),
+        predict: bool = typer.Option(False, "--predict",
+                                     help="Also print the planner's predicted training loss."),
+        seed: int = typer.Option(0, "--seed", help="Weight-matching order and DARE's masks."),
+    ) -> None:
+        """Merge checkpoints; print each model's and the merge's test loss and accuracy."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from ridgeline.cli import fail, load_data
+        from ridgeline.connectivity.paths import _batchnorms
+        from ridgeline.errors import ConfigError, RidgelineError
+        from ridgeline.objective import Objective
+        from ridgeline.train import load, save
+
+        from . import merge
+        from .planner import predicted_merge_loss
+
+        try:
+            if len(checkpoints) < 2 and base is None:
+                raise ConfigError("give at least two checkpoints to merge (or one and --base).")
+            if out is not None and out.suffix != ".safetensors":
+                raise ConfigError(f"--out must end in .safetensors, got {out}.")
+            parsed = None
+            if weights is not None:
+                try:
+                    parsed = [float(w) for w in weights.split(",") if w.strip()]
+                except ValueError as exc:
+                    raise ConfigError(f"--weights must be comma-separated numbers, got "
+                                      f"{weights!r}.") from exc
+            models = [load(path) for path in checkpoints]
+            base_model = load(base) if base is not None else None
+            train = load_data(data, "train", subset)
+            test = load_data(data, "test")
+            needs_data = method == "fisher" or align_method == "activations"
+            result = merge(models, method=method, align=align_method, base=base_model,
+                           weights=parsed, data=train if needs_data else None, scale=scale,
+                           density=density, fisher=fisher, seed=seed,
+                           reset_bn=train if reset_bn and _batchnorms(models[0]) else None)
+            rows = [(path.name, *Objective(m, test).loss_and_accuracy())
+                    for path, m in zip(checkpoints, models)]
+            rows.append(("merged", *Objective(result.model, test).loss_and_accuracy()))
+            predicted = None
+            if predict:
+                objective = Objective(result.model, train)
+                predicted = predicted_merge_loss(objective, result.endpoints, result.model,
+                                                 result.weights)
+                measured = objective.loss_and_accuracy()[0]
+        except RidgelineError as exc:
+            fail(exc)
+            return
+        title = f"{method}" + (f", aligned by {align_method}" if align_method else "")
+        table = Table(title=f"merge ({title}) on {data} test")
+        for column in ("model", "test loss", "test accuracy"):
+            table.add_column(column, no_wrap=True)
+        for name, loss, acc in rows:
+            table.add_row(name, f"{loss:.4g}", "—" if acc is None else f"{acc:.4f}")
+        Console().print(table)
+        if predicted is not None:
+            typer.echo(f"planner: predicted training loss {predicted['predicted']:.4g} "
+                       f"(mean of the models {predicted['mean_loss']:.4g}, gradient term "
+                       f"{predicted['gradient_term']:.4g}, curvature term "
+                       f"{predicted['curvature_term']:.4g}); measured {measured:.4g}")
+        for note in result.notes:
+            typer.echo(f"note: {note}")
+        if out is not None:
+            save(result.model, out, metadata={"merge": {k: v for k, v in result.to_dict().items()
+                                                        if k != "permutations"},
+                                              "inputs": [str(p) for p in checkpoints]})
+            typer.echo(f"saved {out}")
