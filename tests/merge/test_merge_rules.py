@@ -261,3 +261,16 @@ def test_unknown_method_and_alignment_are_rejected():
         merge(_models(2), align="kernels")
     with pytest.raises(DataError, match="activation"):
         merge(_models(2), align="activations")
+
+
+def test_fisher_merge_with_one_data_set_per_model_uses_each_models_own_data():
+    models = _models(2, seed=13)
+    (x1, y1), (x2, y2) = _data(9, seed=1), _data(12, seed=2)
+    f1 = _loop_fisher(models[0], x1, y1, "exact")
+    f2 = _loop_fisher(models[1], x2, y2, "exact")
+    result = merge(models, method="fisher", data=[(x1, y1), (x2, y2)])
+    for k, v in _params(result.model).items():
+        a, b = _params(models[0])[k], _params(models[1])[k]
+        torch.testing.assert_close(v, (f1[k] * a + f2[k] * b) / (f1[k] + f2[k]))
+    with pytest.raises(DataError, match="one data set per model"):
+        merge(models, method="fisher", data=[(x1, y1)] * 3)

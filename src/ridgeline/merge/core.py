@@ -148,6 +148,16 @@ def _validate(method: str, align: str | None, base: Any, data: Any, density: flo
         raise DataError("activation matching needs data: pass data=..., or align='weights'.")
 
 
+def _per_model_data(data: Any, count: int) -> list | None:
+    """A list of ``count`` data sets, one per model, or None for one shared data set."""
+    if not isinstance(data, (list, tuple)) or any(isinstance(d, torch.Tensor) for d in data):
+        return None
+    if len(data) != count:
+        raise DataError(f"data is a list of {len(data)} data sets but there are {count} models; "
+                        "pass one data set per model, or a single one for all.")
+    return list(data)
+
+
 def _norm(state: Params, names: Sequence[str]) -> float:
     return math.sqrt(sum(float(state[k].double().pow(2).sum()) for k in names))
 
@@ -190,8 +200,10 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
     weights : sequence of float, optional
         One non-negative weight per model, not all zero. Normalised for average and fisher;
         for the task-vector methods they multiply each τ_i (default 1 each).
-    data : (inputs, targets), Dataset or DataLoader
-        For the Fisher and for activation matching.
+    data : (inputs, targets), Dataset or DataLoader, or a list of them (one per model)
+        For the Fisher (with a list, each model's Fisher on its own data, as Matena &
+        Raffel do for models fine-tuned on different tasks) and for activation matching
+        (the first data set of a list).
     scale : float
         λ of the task-vector methods.
     density : float in (0, 1]
@@ -215,6 +227,9 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
     models = _check_models(models, base)
     _validate(method, align, base, data, density, scale, fisher)
     raw_weights = _check_weights(weights, len(models), method)
+    per_model = _per_model_data(data, len(models))
+    if per_model is not None:
+        data = per_model[0]
     notes: list[str] = []
     details: dict[str, Any] = {}
     endpoints = list(models)
@@ -238,8 +253,9 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
         merged = weighted_average(states, raw_weights)
         used = normalised
     elif method == "fisher":
-        fishers = [fisher_diagonal(m, data, kind=fisher, chunk_size=chunk_size,
-                                   batch_size=batch_size) for m in endpoints]
+        sources = per_model if per_model is not None else [data] * len(endpoints)
+        fishers = [fisher_diagonal(m, d, kind=fisher, chunk_size=chunk_size,
+                                   batch_size=batch_size) for m, d in zip(endpoints, sources)]
         merged, fallback = fisher_average(states, fishers, raw_weights)
         details.update(fisher=fisher, fisher_fallback_entries=fallback)
         if fallback:

@@ -216,6 +216,7 @@ def predict_merge(models: Sequence[nn.Module], data: Any, *,
                   align: Sequence[str | None] = (None, "weights"),
                   base: nn.Module | None = None, weights: Sequence[float] | None = None,
                   reset_bn: Any = None, measure: bool = True, eval_data: Any = None,
+                  merge_data: Any = None,
                   loss: str | LossFn = "cross_entropy", batch_size: int | None = None,
                   seed: int | None = 0, progress: bool = False, **merge_options: Any
                   ) -> MergePlan:
@@ -250,6 +251,9 @@ def predict_merge(models: Sequence[nn.Module], data: Any, *,
     measure : bool
     eval_data : data, optional
         Held-out data on which the merged networks' loss and accuracy are also reported.
+    merge_data : data or list of data (one per model), optional
+        The data of the merges themselves (Fisher, activation matching) when it is not
+        ``data``.
 
     Returns
     -------
@@ -295,7 +299,7 @@ def predict_merge(models: Sequence[nn.Module], data: Any, *,
     with progress_bar(len(candidates), "merge planner", progress) as bar:
         for options in candidates:
             kwargs = {"base": base, "weights": weights, "reset_bn": reset_bn, "seed": seed,
-                      "data": data, "batch_size": batch_size, **merge_options, **options}
+                      "data": data if merge_data is None else merge_data, "batch_size": batch_size, **merge_options, **options}
             result: MergeResult = merge(models, **kwargs)
             terms = predicted_merge_loss(objective, result.endpoints, result.model,
                                          result.weights)
