@@ -274,3 +274,30 @@ def test_fisher_merge_with_one_data_set_per_model_uses_each_models_own_data():
         torch.testing.assert_close(v, (f1[k] * a + f2[k] * b) / (f1[k] + f2[k]))
     with pytest.raises(DataError, match="one data set per model"):
         merge(models, method="fisher", data=[(x1, y1)] * 3)
+
+
+def test_repair_sets_each_hidden_layer_to_the_weighted_mean_of_the_models_statistics():
+    torch.manual_seed(14)
+    models = [mlp(4, [9, 7], 3).double() for _ in range(3)]
+    x = torch.randn(80, 4, dtype=torch.float64)
+    weights = [0.5, 0.3, 0.2]
+    result = merge(models, weights=weights, repair=True, data=(x, torch.zeros(80).long()))
+    net = result.model
+
+    def pre_activations(model):
+        z1 = x @ model[1].weight.T + model[1].bias
+        z2 = torch.relu(z1) @ model[3].weight.T + model[3].bias
+        return z1.detach(), z2.detach()
+
+    layers = [pre_activations(m) for m in models]
+    merged = pre_activations(net)
+    for depth in range(2):
+        mean = sum(w * z[depth].mean(0) for w, z in zip(weights, layers))
+        std = sum(w * z[depth].std(0, unbiased=False) for w, z in zip(weights, layers))
+        torch.testing.assert_close(merged[depth].mean(0), mean)
+        torch.testing.assert_close(merged[depth].std(0, unbiased=False), std)
+    # the output layer is untouched: it equals the plain weighted average
+    plain = merge(models, weights=weights).model
+    torch.testing.assert_close(net[5].weight, plain[5].weight)
+    with pytest.raises(DataError, match="REPAIR"):
+        merge(models, repair=True)

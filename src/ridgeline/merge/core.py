@@ -126,7 +126,7 @@ def _check_weights(weights: Sequence[float] | None, count: int, method: str) -> 
 
 
 def _validate(method: str, align: str | None, base: Any, data: Any, density: float,
-              scale: float, fisher: str) -> None:
+              scale: float, fisher: str, repair: bool, reset_bn: Any) -> None:
     if method not in METHODS:
         raise ConfigError(f"method must be one of {list(METHODS)}, got {method!r}.")
     if align not in ALIGNMENTS:
@@ -146,6 +146,9 @@ def _validate(method: str, align: str | None, base: Any, data: Any, density: flo
                         "data: pass data=(inputs, targets), a Dataset or a DataLoader.")
     if align == "activations" and data is None:
         raise DataError("activation matching needs data: pass data=..., or align='weights'.")
+    if repair and data is None and reset_bn is None:
+        raise DataError("REPAIR measures unit statistics on data: pass reset_bn=data (or "
+                        "data=...).")
 
 
 def _per_model_data(data: Any, count: int) -> list | None:
@@ -165,7 +168,8 @@ def _norm(state: Params, names: Sequence[str]) -> float:
 def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | None = None,
           base: nn.Module | None = None, weights: Sequence[float] | None = None,
           data: Any = None, scale: float = 1.0, density: float = 0.2, fisher: str = "exact",
-          reset_bn: Any = None, seed: int | None = 0, max_rounds: int = 100,
+          reset_bn: Any = None, repair: bool = False, seed: int | None = 0,
+          max_rounds: int = 100,
           chunk_size: int | None = None, batch_size: int | None = None) -> MergeResult:
     """Merge networks of one architecture into one.
 
@@ -209,6 +213,12 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
     density : float in (0, 1]
         Kept fraction for TIES and keep probability for DARE.
     reset_bn : data, optional
+        Re-estimate the merge's BatchNorm statistics on this data.
+    repair : bool
+        For networks without BatchNorm: REPAIR (Jordan et al. 2023) the merge, rescaling
+        each hidden unit (baked into its weights and bias) so that its pre-activation
+        mean and standard deviation over ``reset_bn`` data (or ``data``) equal the
+        weighted mean of the models' (see :func:`ridgeline.merge.repair.repair_merged`).
     seed : int
         Weight-matching order, MergeMany order and DARE's masks.
 
@@ -225,7 +235,7 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
     """
     began = time.perf_counter()
     models = _check_models(models, base)
-    _validate(method, align, base, data, density, scale, fisher)
+    _validate(method, align, base, data, density, scale, fisher, repair, reset_bn)
     raw_weights = _check_weights(weights, len(models), method)
     per_model = _per_model_data(data, len(models))
     if per_model is not None:
@@ -282,9 +292,24 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
             tensor.copy_(merged[name])
         for name, tensor in out.named_buffers():
             tensor.copy_(merged_buffers[name])
+    from ridgeline.connectivity.paths import _batchnorms
+
+    if repair and _batchnorms(out):
+        notes.append("repair=True is for networks without BatchNorm; this one has BatchNorm: "
+                     "pass reset_bn=data instead. Nothing repaired.")
+    elif repair:
+        from ridgeline.objective import Objective
+
+        from .repair import repair_merged
+
+        source = reset_bn if reset_bn is not None else data
+        batches = [b.inputs for b in Objective(out, source, batch_size=batch_size,
+                                               validate=False).per_batch(shard=False)]
+        out, repair_notes = repair_merged(out, endpoints, raw_weights, batches)
+        notes += repair_notes
+        details["repair"] = True
     if reset_bn is not None:
         from ridgeline.connectivity import reset_bn as reset
-        from ridgeline.connectivity.paths import _batchnorms
 
         if _batchnorms(out):
             out = reset(out, reset_bn, batch_size=batch_size)
