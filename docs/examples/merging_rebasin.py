@@ -9,6 +9,8 @@ the split-data experiment.
     0–4, model B only on classes 5–9 (a shared ten-way head: both have all ten outputs,
     each sees five labels), different seeds. Accuracy on all ten classes of each model,
     of the naive and of the aligned averages, and of the best α-weighted aligned average.
+Every merge also with REPAIR (repair=True: hidden-unit statistics reset to the mean of the
+models' on the training data).
 
 Run: ``PYTHONPATH=src .venv/bin/python docs/examples/merging_rebasin.py`` (1 thread,
 about two minutes on a shared 2-core machine).
@@ -16,6 +18,7 @@ about two minutes on a shared 2-core machine).
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -49,10 +52,11 @@ def main() -> None:
     print(f"(1) two seeds, width 512: test accuracy A {ends[0]:.4f}, B {ends[1]:.4f} "
           f"(mean {mean_end:.4f})")
     for align in (None, "weights", "activations"):
-        result = merge([a, b], align=align, data=train)
-        acc = accuracy(result.model, test)
-        print(f"    average, align={align!s:12s} test acc {acc:.4f} = "
-              f"{100 * acc / mean_end:.1f} % of the endpoints' mean ({result.seconds:.2f} s)")
+        for repair in (False, True):
+            result = merge([a, b], align=align, data=train, repair=repair)
+            acc = accuracy(result.model, test)
+            print(f"    average, align={align!s:12s} repair={repair!s:5s} test acc {acc:.4f} = "
+                  f"{100 * acc / mean_end:.1f} % of the endpoints' mean ({result.seconds:.2f} s)")
 
     low = train.targets < 5
     part_a = ridgeline.data.Dataset(train.inputs[low], train.targets[low], 10, "0-4")
@@ -62,10 +66,11 @@ def main() -> None:
     print("(2) split data (A: classes 0-4, B: classes 5-9, shared ten-way head), width 512:")
     for name, model in (("A", a), ("B", b)):
         print(f"    model {name}: all-class test acc {accuracy(model, test):.4f}")
-    for align in (None, "weights", "activations"):
+    for align, repair in itertools.product((None, "weights", "activations"), (False, True)):
         best = None
         for w in (0.3, 0.4, 0.5, 0.6, 0.7):
-            merged = merge([a, b], align=align, data=train, weights=[w, 1 - w]).model
+            merged = merge([a, b], align=align, data=train, weights=[w, 1 - w],
+                           repair=repair).model
             acc = accuracy(merged, test)
             if w == 0.5:
                 half = acc
@@ -74,7 +79,7 @@ def main() -> None:
                 low_acc = float((pred[test_low] == test.targets[test_low]).float().mean())
                 high_acc = float((pred[~test_low] == test.targets[~test_low]).float().mean())
             best = max(best or (0, 0), (acc, w))
-        print(f"    average, align={align!s:12s} all-class test acc {half:.4f} (classes 0-4 "
+        print(f"    average, align={align!s:12s} repair={repair!s:5s} all-class test acc {half:.4f} (classes 0-4 "
               f"{low_acc:.4f}, 5-9 {high_acc:.4f}); best weight w_A={best[1]}: {best[0]:.4f}")
     print(f"total {time.perf_counter() - began:.0f} s")
 

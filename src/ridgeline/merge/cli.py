@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
                                                "activations, BatchNorm reset)."),
         reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn",
                                       help="Re-estimate BatchNorm statistics of the merge."),
+        repair: bool = typer.Option(False, "--repair",
+                                    help="REPAIR the merge's hidden units (no BatchNorm)."),
         predict: bool = typer.Option(False, "--predict",
                                      help="Also print the planner's predicted training loss."),
         seed: int = typer.Option(0, "--seed", help="Weight-matching order and DARE's masks."),
@@ -64,10 +66,10 @@ def register(app: typer.Typer) -> None:
             base_model = load(base) if base is not None else None
             train = load_data(data, "train", subset)
             test = load_data(data, "test")
-            needs_data = method == "fisher" or align_method == "activations"
+            needs_data = method == "fisher" or align_method == "activations" or repair
             result = merge(models, method=method, align=align_method, base=base_model,
                            weights=parsed, data=train if needs_data else None, scale=scale,
-                           density=density, fisher=fisher, seed=seed,
+                           density=density, fisher=fisher, seed=seed, repair=repair,
                            reset_bn=train if reset_bn and _batchnorms(models[0]) else None)
             rows = [(path.name, *Objective(m, test).loss_and_accuracy())
                     for path, m in zip(checkpoints, models)]
