@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import grad, vjp, vmap
 
 from ridgeline.errors import ConfigError, DataError, MemoryBudgetError
 from ridgeline.objective import Objective, as_objective, module_mode
@@ -102,7 +102,7 @@ def fisher_diagonal(model: nn.Module | Objective, data: Any = None, *, kind: str
     loss_fn = objective.loss_fn
 
     def log_probs(p: Params, x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(net, (p, buffers), (x.unsqueeze(0),))
+        out = objective.forward(p, x.unsqueeze(0), buffers)
         return torch.log_softmax(out.reshape(-1), dim=0)
 
     def squared_exact(x: torch.Tensor) -> Params:
@@ -117,7 +117,7 @@ def fisher_diagonal(model: nn.Module | Objective, data: Any = None, *, kind: str
 
     def squared_empirical(x: torch.Tensor, y: torch.Tensor) -> Params:
         def example_loss(p: Params) -> torch.Tensor:
-            return loss_fn(functional_call(net, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+            return loss_fn(objective.forward(p, x.unsqueeze(0), buffers), y.unsqueeze(0))
 
         return {k: g.pow(2) for k, g in grad(example_loss)(params).items()}
 

@@ -285,15 +285,16 @@ def predict_merge(models: Sequence[nn.Module], data: Any, *,
     if isinstance(models, nn.Module) or not models:
         raise ConfigError("models must be a non-empty list of torch.nn.Module.")
     objective = Objective(models[0], data, loss, batch_size=batch_size)
-    evaluation = (Objective(objective.model, eval_data, loss, batch_size=batch_size)
-                  if eval_data is not None else None)
+    if eval_data is not None:
+        Objective(objective.model, eval_data, loss, batch_size=batch_size)  # validate early
     endpoints = []
-    for model in models:
-        row = dict(zip(("loss", "accuracy"), objective.loss_and_accuracy(
-            named_parameters(model, trainable_only=False))))
-        if evaluation is not None:
-            row.update(zip(("eval_loss", "eval_accuracy"), evaluation.loss_and_accuracy(
-                named_parameters(model, trainable_only=False))))
+    for model in models:  # each with its own buffers (BatchNorm statistics)
+        row = dict(zip(("loss", "accuracy"), Objective(
+            model, data, loss, batch_size=batch_size, validate=False).loss_and_accuracy()))
+        if eval_data is not None:
+            row.update(zip(("eval_loss", "eval_accuracy"), Objective(
+                model, eval_data, loss, batch_size=batch_size,
+                validate=False).loss_and_accuracy()))
         endpoints.append(row)
     rows: list[MergeCandidate] = []
     with progress_bar(len(candidates), "merge planner", progress) as bar:
@@ -308,7 +309,7 @@ def predict_merge(models: Sequence[nn.Module], data: Any, *,
                 check = Objective(result.model, data, loss, batch_size=batch_size,
                                   validate=False)
                 measured, accuracy = check.loss_and_accuracy()
-                if evaluation is not None:
+                if eval_data is not None:
                     eval_loss, eval_accuracy = Objective(
                         result.model, eval_data, loss, batch_size=batch_size,
                         validate=False).loss_and_accuracy()
