@@ -59,3 +59,36 @@ def test_merge_measurement_runs_in_a_tiny_study_and_reports(tmp_path):
     text = (tmp_path / "report.html").read_text()
     for needle in ("models (grey) and their merges (blue)", "planner: Spearman", "ties + weights"):
         assert needle in text, needle
+
+
+def test_merge_command_refuses_bad_input_before_work_and_reads_plain_state_dicts(tmp_path,
+                                                                                 monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "d.npz", x=torch.randn(30, 6, generator=gen).numpy(),
+             y=torch.randint(0, 3, (30,), generator=gen).numpy())
+    data = ["--data", str(tmp_path / "d.npz")]
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        path = tmp_path / f"m{seed}.pt"
+        torch.save(mlp(6, [5], 3).state_dict(), path)
+        paths.append(str(path))
+    model = ["--model", "mlp", "--model-args",
+             '{"in_features": 6, "widths": [5], "out_features": 3}']
+    ok = CliRunner().invoke(app, ["-q", "merge", *paths, *model, *data, "--align", "weights"])
+    assert ok.exit_code == 0, ok.output
+    import ridgeline.merge as package
+
+    def boom(*args, **kwargs):
+        raise AssertionError("merging started before the input was checked")
+
+    monkeypatch.setattr(package, "merge", boom)
+    for args, needle in ((["--out", str(tmp_path / "no" / "m.safetensors")], "does not exist"),
+                         (["--out", str(tmp_path / "m.pt")], ".safetensors"),
+                         (["--method", "median"], "--method"),
+                         (["--align", "kernels"], "--align"),
+                         (["--weights", "1,x"], "--weights"),
+                         (["--subset", "0"], "--subset")):
+        bad = CliRunner().invoke(app, ["merge", *paths, *model, *data, *args])
+        assert bad.exit_code == 2 and needle in bad.output, (args, bad.output)
+        assert "Traceback" not in bad.output

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import typer
 
+from ridgeline.cli_options import data_args_option, data_option, model_args_option, model_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_command(
-        checkpoints: list[Path] = typer.Argument(..., help="Checkpoints to merge (.safetensors), "
-                                                      "one architecture."),
+        checkpoints: list[Path] = typer.Argument(..., help="Checkpoints to merge (.safetensors, "
+                                                      ".pt/.pth/.bin state_dict, or Hugging "
+                                                      "Face folders), one architecture."),
         out: Path | None = typer.Option(None, "--out", help="Write the merged model here "
                                                            "(.safetensors)."),
         method: str = typer.Option("average", "--method",
@@ -25,10 +28,15 @@ def register(app: typer.Typer) -> None:
         scale: float = typer.Option(1.0, "--scale", help="λ of the task-vector methods."),
         density: float = typer.Option(0.2, "--density", help="Kept fraction (ties, dare)."),
         fisher: str = typer.Option("exact", "--fisher", help="exact or empirical."),
-        data: str = typer.Option("mnist1d", "--data", help="mnist1d, digits, or an .npz with x, y."),
+        model: str | None = model_option(help="The model every checkpoint's tensors belong to: "
+                                              "your factory MODULE:CALLABLE (or mlp, cnn1d, "
+                                              "resnet); needed for files without a sidecar."),
+        model_args: str | None = model_args_option(),
+        data: str = data_option(),
+        data_args: str | None = data_args_option(),
         subset: int | None = typer.Option(None, "--subset",
                                           help="Use only the first N training examples (Fisher, "
-                                               "activations, BatchNorm reset)."),
+                                               "activations, REPAIR, BatchNorm reset)."),
         reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn",
                                       help="Re-estimate BatchNorm statistics of the merge."),
         repair: bool = typer.Option(False, "--repair",
@@ -41,31 +49,42 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from ridgeline.cli import fail, load_data
+        from ridgeline.checkpoints import save
+        from ridgeline.cli_options import (
+            check_output_file,
+            check_subset,
+            fail,
+            load_data,
+            load_model,
+            parse_floats,
+            parse_json_object,
+        )
         from ridgeline.connectivity.paths import _batchnorms
         from ridgeline.errors import ConfigError, RidgelineError
         from ridgeline.objective import Objective
-        from ridgeline.train import load, save
 
         from . import merge
+        from .core import ALIGNMENTS, METHODS
         from .planner import predicted_merge_loss
 
         try:
             if len(checkpoints) < 2 and base is None:
                 raise ConfigError("give at least two checkpoints to merge (or one and --base).")
+            if method not in METHODS:
+                raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {method!r}.")
+            if align_method not in ALIGNMENTS:
+                raise ConfigError(f"--align must be 'weights' or 'activations', got "
+                                  f"{align_method!r}.")
             if out is not None and out.suffix != ".safetensors":
                 raise ConfigError(f"--out must end in .safetensors, got {out}.")
-            parsed = None
-            if weights is not None:
-                try:
-                    parsed = [float(w) for w in weights.split(",") if w.strip()]
-                except ValueError as exc:
-                    raise ConfigError(f"--weights must be comma-separated numbers, got "
-                                      f"{weights!r}.") from exc
-            models = [load(path) for path in checkpoints]
-            base_model = load(base) if base is not None else None
-            train = load_data(data, "train", subset)
-            test = load_data(data, "test")
+            check_output_file(out, "--out")
+            check_subset(subset)
+            parsed = parse_floats(weights, "--weights") if weights is not None else None
+            data_kwargs = parse_json_object(data_args, "--data-args")
+            models = [load_model(path, model, model_args) for path in checkpoints]
+            base_model = load_model(base, model, model_args) if base is not None else None
+            train = load_data(data, "train", subset, data_kwargs)
+            test = load_data(data, "test", None, data_kwargs)
             needs_data = method == "fisher" or align_method == "activations" or repair
             result = merge(models, method=method, align=align_method, base=base_model,
                            weights=parsed, data=train if needs_data else None, scale=scale,
@@ -82,7 +101,6 @@ def register(app: typer.Typer) -> None:
                 measured = objective.loss_and_accuracy()[0]
         except RidgelineError as exc:
             fail(exc)
-            return
         title = f"{method}" + (f", aligned by {align_method}" if align_method else "")
         table = Table(title=f"merge ({title}) on {data} test")
         for column in ("model", "test loss", "test accuracy"):
