@@ -93,6 +93,8 @@ def test_weighted_average_matches_formula_and_leaves_inputs_unchanged():
         for k, v in _params(model).items():
             assert torch.equal(v, old[k])
     assert result.weights == pytest.approx((1 / 8, 2 / 8, 5 / 8))
+    assert result.to_dict()["weights"] == pytest.approx([1 / 8, 2 / 8, 5 / 8])
+    result.plot()
 
 
 def test_task_arithmetic_matches_formula():
