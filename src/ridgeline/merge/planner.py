@@ -20,7 +20,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,6 +74,8 @@ class MergeCandidate:
 
     ``predicted_excess`` and ``measured_excess`` are relative to Σ w_i L_i, the weighted
     mean loss of the models merged (for two models at the midpoint, the barrier).
+    ``spread`` Σ w_i ‖θ_m − θ_i‖² and ``details`` (MergeMany rounds, units each model moved,
+    Fisher fallbacks) describe the alignment the merge reached.
     """
 
     label: str
@@ -88,6 +90,7 @@ class MergeCandidate:
     eval_loss: float | None = None
     eval_accuracy: float | None = None
     seconds: float = 0.0
+    details: dict = field(default_factory=dict)
 
     @property
     def predicted_excess(self) -> float:
@@ -106,7 +109,8 @@ class MergeCandidate:
             "predicted_excess": self.predicted_excess, "measured_excess": self.measured_excess,
             "gradient_term": self.gradient_term, "curvature_term": self.curvature_term,
             "spread": self.spread, "accuracy": self.accuracy, "eval_loss": self.eval_loss,
-            "eval_accuracy": self.eval_accuracy, "seconds": self.seconds})
+            "eval_accuracy": self.eval_accuracy, "seconds": self.seconds,
+            "details": dict(self.details)})
 
 
 @dataclass(frozen=True)
@@ -316,7 +320,8 @@ def predict_merge(models: Sequence[nn.Module], data: Any, *,
             rows.append(MergeCandidate(_label(options), options, terms["predicted"],
                                        terms["mean_loss"], terms["gradient_term"],
                                        terms["curvature_term"], terms["spread"], measured,
-                                       accuracy, eval_loss, eval_accuracy, result.seconds))
+                                       accuracy, eval_loss, eval_accuracy, result.seconds,
+                                       dict(result.details)))
             bar.advance()
     rows.sort(key=lambda c: (not math.isfinite(c.predicted), c.predicted))
     spearman = pvalue = kendall = None

@@ -70,6 +70,8 @@ def _report(record: dict) -> str:
     rows = [{"merge": c["label"], "predicted loss": c["predicted"], "measured loss": c["measured"],
              "mean loss of models": c["mean_loss"], "gradient term": c["gradient_term"],
              "curvature term": c["curvature_term"], "spread Σw‖δ‖²": c["spread"],
+             "units moved": (sum(c["details"]["units_moved"])
+                             if (c.get("details") or {}).get("units_moved") else None),
              "test acc": c["eval_accuracy"]} for c in candidates]
     lines = [f"predicted best: {result['best_predicted']}; measured best: "
              f"{result['best_measured']}; regret {fmt(result['regret'], 3)}; Kendall "
