@@ -58,6 +58,11 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
     """
     reference_given = reference is not None
     reference = models[0] if reference is None else reference
+    if example_input is None and data is not None:  # convolutional models need one to trace
+        from ridgeline.objective import Objective
+
+        first = next(Objective(reference, data, validate=False).per_batch(shard=False))
+        example_input = first.inputs[:2]
     spec = permutation_spec(reference, example_input=example_input)
     weights = [1.0] * len(models) if weights is None else list(weights)
     identity = {p: torch.arange(n) for p, n in spec.perms.items()}
