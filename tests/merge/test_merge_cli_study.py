@@ -92,3 +92,28 @@ def test_merge_command_refuses_bad_input_before_work_and_reads_plain_state_dicts
         bad = CliRunner().invoke(app, ["merge", *paths, *model, *data, *args])
         assert bad.exit_code == 2 and needle in bad.output, (args, bad.output)
         assert "Traceback" not in bad.output
+
+
+def test_merge_measurement_options_are_checked_before_any_work():
+    import pytest
+
+    from ridgeline.errors import ConfigError
+    from ridgeline.study.validate import validate_study
+
+    config = config_from_dict({
+        "name": "tiny",
+        "data": {"name": "gaussian_mixture", "args": {"num_samples": 60, "dim": 5, "num_classes": 3}},
+        "models": [{"name": n, "factory": "mlp", "init_seed": s,
+                    "args": {"in_features": 5, "widths": [4], "out_features": 3}}
+                   for n, s in (("a", 1), ("b", 2))],
+        "measurements": [{"kind": "merge", "methods": ["average", "median", "ties"],
+                          "align": ["none", "weight"], "density": 1.5},
+                         {"kind": "merge", "id": "merge-2", "base": "init:z", "models": ["a"]}],
+    })
+    with pytest.raises(ConfigError) as info:
+        validate_study(config)
+    message = str(info.value)
+    for needle in ("methods ['median'] are unknown", "align entries ['weight']",
+                   "methods ['ties'] merge task vectors and need base",
+                   "density must lie in (0, 1]", "base 'init:z' names no study model"):
+        assert needle in message, message

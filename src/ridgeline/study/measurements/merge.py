@@ -80,7 +80,36 @@ def _report(record: dict) -> str:
             + "<p>" + "<br>".join(html.escape(line) for line in lines) + "</p>")
 
 
+def _check(config, options: MergeOptions) -> list[str]:
+    from ridgeline.merge.core import METHODS, TASK_METHODS
+
+    problems = []
+    unknown = [m for m in options.methods if m not in METHODS]
+    if unknown:
+        problems.append(f"methods {unknown} are unknown; choose from {list(METHODS)}")
+    bad = [a for a in options.align if a not in ("none", "weights", "activations")]
+    if bad:
+        problems.append(f"align entries {bad} must be 'none', 'weights' or 'activations'")
+    if len(options.models) < 2 and options.base is None:
+        problems.append("merge needs at least two models (or one and a base)")
+    tasks = [m for m in options.methods if m in TASK_METHODS]
+    if tasks and options.base is None:
+        problems.append(f"methods {tasks} merge task vectors and need base = a model name or "
+                        "'init:<name>' (the model they were fine-tuned from)")
+    if options.base is not None:
+        name = options.base.removeprefix("init:")
+        names = [m.name for m in config.models]
+        if name not in names:
+            problems.append(f"base {options.base!r} names no study model; models are {names}")
+    if not 0 < options.density <= 1:
+        problems.append(f"density must lie in (0, 1], got {options.density}")
+    if options.fisher not in ("exact", "empirical"):
+        problems.append(f"fisher must be 'exact' or 'empirical', got {options.fisher!r}")
+    return problems
+
+
 @register_measurement("merge", options=MergeOptions, report=_report, summary=_summary,
+                      check=_check,
                       description="Candidate merges (methods × alignment) ranked by "
                                   "predicted loss; measured loss and test accuracy.")
 def run_merge(ctx, options: MergeOptions) -> dict:
