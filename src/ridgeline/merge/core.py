@@ -314,8 +314,9 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
         if _batchnorms(out):
             out = reset(out, reset_bn, batch_size=batch_size)
             details["bn_reset"] = True
-        else:
-            notes.append("reset_bn was given but the model has no BatchNorm; nothing reset.")
+        elif not repair:
+            notes.append("reset_bn was given but the model has no BatchNorm; nothing reset "
+                         "(repair=True uses it for REPAIR).")
     final = _state(out)
     distances = tuple(math.sqrt(sum(float((final[k] - s[k]).double().pow(2).sum())
                                     for k in param_names)) / max(_norm(s, param_names), 1e-30)
