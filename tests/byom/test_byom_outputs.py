@@ -113,7 +113,8 @@ def test_dataset_mean_weights_batches_by_tokens_that_count_equals_explicit_hessi
         out = torch.func.functional_call(model, params, (x,))
         logp = torch.log_softmax(out, dim=-1)
         keep = y != -100
-        return -(logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep).sum() / keep.sum()
+        picked = logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return -(picked * keep).sum() / keep.sum()
 
     dense = torch.autograd.functional.hessian(loss_of, flat0)
     operator = hessian(objective)
