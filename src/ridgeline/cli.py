@@ -137,6 +137,13 @@ def report(run_dir: Path = typer.Argument(..., help="A study's run directory."))
 
     if not (run_dir / "results.jsonl").exists():
         fail(FileNotFoundError(f"{run_dir / 'results.jsonl'} does not exist; run a study first."))
+    if importlib.util.find_spec("ridgeline.sweep") is not None:
+        from ridgeline.sweep import is_sweep, refresh_correlation, write_sweep_report
+
+        if is_sweep(run_dir):  # a sweep: bring its correlation record up to date
+            refresh_correlation(run_dir)
+            typer.echo(f"report: {write_sweep_report(run_dir).resolve()}")
+            return
     typer.echo(f"report: {write_report(run_dir).resolve()}")
 
 
