@@ -1,0 +1,107 @@
+"""The [sweep] table: grid × seeds expansion, stable ids, and bad input refused before work."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ridgeline.errors import ConfigError, DistributedError
+from ridgeline.study import config_from_dict
+from ridgeline.sweep import expand_sweep, make_engine, run_sweep
+
+
+def sweep_config(grid=None, seeds=(0, 1), measurements=None, **extra) -> dict:
+    return {
+        "name": "grid",
+        "data": {"name": "gaussian_mixture", "args": {"num_samples": 96, "dim": 4, "num_classes": 3}},
+        "training": {"epochs": 1, "batch_size": 32},
+        "models": [{"name": "m", "factory": "mlp",
+                    "args": {"in_features": 4, "widths": [8], "out_features": 3}}],
+        "sweep": {"seeds": list(seeds),
+                  "grid": grid if grid is not None else {"training.lr": [0.02, 0.1],
+                                                          "models.m.args.widths": [[8], [16]]},
+                  "measurements": measurements if measurements is not None
+                  else [{"kind": "curvature", "subset": 50, "k": 1}]},
+        **extra,
+    }
+
+
+def test_expansion_is_the_grid_times_the_seeds_with_settings_applied():
+    tasks = expand_sweep(config_from_dict(sweep_config()))
+    assert len(tasks) == 2 * 2 * 2
+    assert len({t.id for t in tasks}) == 8
+    for task in tasks:
+        model = task.study["models"][0]
+        assert model["name"] == task.id and task.id.startswith("m-")
+        assert model["args"]["widths"] == task.settings["models.m.args.widths"]
+        assert model["init_seed"] == task.settings["seed"] == model["training"]["seed"]
+        assert task.study["training"]["lr"] == task.settings["training.lr"]
+        curvature = task.plan[1]
+        assert curvature.id == f"curvature:{task.id}" and curvature.options["models"] == [task.id]
+
+
+def test_ids_are_stable_when_the_grid_grows_and_fingerprints_follow_the_config():
+    small = {(t.settings["training.lr"], t.settings["seed"]): t
+             for t in expand_sweep(config_from_dict(sweep_config({"training.lr": [0.02, 0.1]})))}
+    large = {(t.settings["training.lr"], t.settings["seed"]): t
+             for t in expand_sweep(config_from_dict(sweep_config({"training.lr": [0.02, 0.1, 0.5]})))}
+    assert all(large[key].id == task.id and large[key].fingerprint == task.fingerprint
+               for key, task in small.items())
+    longer = sweep_config({"training.lr": [0.02, 0.1]})
+    longer["training"]["epochs"] = 2
+    changed = {(t.settings["training.lr"], t.settings["seed"]): t
+               for t in expand_sweep(config_from_dict(longer))}
+    assert all(changed[k].id == t.id and changed[k].fingerprint != t.fingerprint
+               for k, t in small.items())
+
+
+def test_unknown_grid_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"'training.lrate' names no config field.*training\.lr"):
+        expand_sweep(config_from_dict(sweep_config({"training.lrate": [0.1]})))
+    with pytest.raises(ConfigError, match="no model 'x'"):
+        expand_sweep(config_from_dict(sweep_config({"models.x.args.widths": [[4]]})))
+
+
+def test_empty_grid_and_empty_values_are_refused():
+    with pytest.raises(ConfigError, match="grid is empty"):
+        expand_sweep(config_from_dict(sweep_config({})))
+    with pytest.raises(ConfigError, match=r"no values for \['training.lr'\]"):
+        expand_sweep(config_from_dict(sweep_config({"training.lr": []})))
+
+
+def test_pair_measurement_in_a_sweep_says_it_needs_two_models(tmp_path):
+    config = config_from_dict(sweep_config(measurements=[{"kind": "connectivity"}]))
+    with pytest.raises(ConfigError, match="compares a pair of models"):
+        run_sweep(config, tmp_path / "run", engine="inprocess", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_bad_values_and_options_are_found_before_work():
+    with pytest.raises(ConfigError, match="batch_size"):
+        expand_sweep(config_from_dict(sweep_config({"training.batch_size": ["many"]})))
+    with pytest.raises(ConfigError, match="unknown option 'kk'"):
+        expand_sweep(config_from_dict(sweep_config(measurements=[{"kind": "curvature", "kk": 1}])))
+    with pytest.raises(ConfigError, match="remove it"):
+        expand_sweep(config_from_dict(sweep_config(measurements=[{"kind": "curvature",
+                                                                  "models": ["m"]}])))
+
+
+def test_ray_engine_without_ray_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"ridgeline\[ray\]"):
+        make_engine("ray")
+
+
+def test_unreachable_ray_address_is_a_clear_error():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DistributedError, match="unreachable"):
+        make_engine("ray", address=f"ray://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        make_engine("ray", address="nowhere")
