@@ -105,3 +105,12 @@ def test_unreachable_ray_address_is_a_clear_error():
         make_engine("ray", address=f"ray://127.0.0.1:{port}")
     with pytest.raises(ConfigError, match="HOST:PORT"):
         make_engine("ray", address="nowhere")
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path):
+    from ridgeline.study import ResultStore
+
+    ResultStore(tmp_path).append({"id": "study", "kind": "study", "status": "ok",
+                                  "result": {"name": "other"}})
+    with pytest.raises(ConfigError, match="holds the study 'other'"):
+        run_sweep(config_from_dict(sweep_config()), tmp_path, engine="inprocess", progress=False)

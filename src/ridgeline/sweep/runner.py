@@ -95,6 +95,14 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
         raise ConfigError(f"--out {run_dir} is a file; give a folder for the sweep's results.")
     store = ResultStore(run_dir)
     latest = store.latest()
+    previous = latest.get("study", {}).get("result")
+    if previous is not None and (not previous.get("sweep") or previous.get("name") != config.name):
+        from ridgeline.errors import ConfigError
+
+        what = "sweep" if previous.get("sweep") else "study"
+        raise ConfigError(f"{run_dir} holds the {what} {previous.get('name')!r}, not the sweep "
+                          f"{config.name!r}; give another --out (results of different runs "
+                          "must not mix).")
     pending = [t for t in tasks if _done(t, latest) != set(t.record_ids)]
     skipped = [t.id for t in tasks if t not in pending]
     runner = engine if isinstance(engine, Engine) else (
