@@ -9,6 +9,7 @@ where it stopped; a record already on disk is never written twice.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,16 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
     say = console().print if progress else (lambda *a, **k: None)
     ran: list[str] = []
     failed: dict[str, str] = {}
+    stack = contextlib.ExitStack()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _lock(run_dir, stack)
+        latest = store.latest()  # again, now that no other driver can write
+        pending = [t for t in tasks if _done(t, latest) != set(t.record_ids)]
+        skipped = [t.id for t in tasks if t not in pending]
+        if pending and runner is None:
+            runner = make_engine(engine, workers=workers, address=address,
+                                 gpus_per_task=gpus_per_task)
         text = config_text or dump_toml(config.model_dump(mode="json", exclude_none=True))
         atomic_write_text(run_dir / "config.toml", text)
         if "study" not in latest:
@@ -146,16 +155,27 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
                                                                "seconds": result.seconds}})
                     ran.append(task.id)
                 bar.advance(1, info=task.id)
+        refresh_correlation(run_dir, spec, config.seed)
+        report_path = None
+        if report:
+            from ridgeline.sweep.report import write_sweep_report
+
+            report_path = write_sweep_report(run_dir)
     finally:
         if runner is not None and not isinstance(engine, Engine):
             runner.close()
-    refresh_correlation(run_dir, spec, config.seed)
-    report_path = None
-    if report:
-        from ridgeline.sweep.report import write_sweep_report
-
-        report_path = write_sweep_report(run_dir)
+        stack.close()
     return SweepOutcome(run_dir, report_path, ran, skipped, failed, time.perf_counter() - began)
+
+
+def _lock(run_dir: Path, stack: contextlib.ExitStack) -> None:
+    """Hold the study layer's exclusive lock on the run folder for the whole sweep, where the
+    study layer has one (``ridgeline.study.lock``): a second driver on one folder is refused."""
+    try:
+        from ridgeline.study.lock import RunLock
+    except ImportError:  # a study layer without run-folder locks
+        return
+    stack.enter_context(RunLock(run_dir))
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
