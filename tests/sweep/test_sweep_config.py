@@ -114,3 +114,21 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
                                   "result": {"name": "other"}})
     with pytest.raises(ConfigError, match="holds the study 'other'"):
         run_sweep(config_from_dict(sweep_config()), tmp_path, engine="inprocess", progress=False)
+
+
+def test_a_failing_task_is_recorded_as_an_error_and_retried_on_resume(tmp_path):
+    from ridgeline.study import ResultStore
+
+    config = config_from_dict(sweep_config({"training.lr": [0.05, 1e12]}, measurements=[]))
+    outcome = run_sweep(config, tmp_path, engine="inprocess", progress=False, report=False)
+    assert len(outcome.ran) == 2 and len(outcome.failed) == 2
+    assert all("NonFiniteLossError" in message for message in outcome.failed.values())
+    latest = ResultStore(tmp_path).latest()
+    errors = [r for r in latest.values() if r.get("status") == "error"]
+    assert sorted(r["id"] for r in errors) == sorted(f"model:{i}" for i in outcome.failed)
+    assert len(latest["generalization_correlation"]["result"]["models"]) == 2
+    again = run_sweep(config, tmp_path, engine="inprocess", progress=False, report=False)
+    assert sorted(again.skipped) == sorted(outcome.ran) and set(again.failed) == set(outcome.failed)
+    ok_ids = [r["id"] for r in ResultStore(tmp_path).records() if r.get("status") == "ok"
+              and r["kind"] in ("train", "sweep_model")]
+    assert len(ok_ids) == len(set(ok_ids)) == 4  # finished models written once

@@ -124,7 +124,8 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
                                  gpus_per_task=gpus_per_task)
         text = config_text or dump_toml(config.model_dump(mode="json", exclude_none=True))
         atomic_write_text(run_dir / "config.toml", text)
-        if "study" not in latest:
+        previous = latest.get("study", {}).get("result", {})
+        if previous.get("config_text") != text:  # first run, or the config was edited
             store.append({"id": "study", "kind": "study", "status": "ok",
                           "result": {"name": config.name, "description": config.description,
                                      "config": config.model_dump(mode="json"),
