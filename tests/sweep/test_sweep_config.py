@@ -132,3 +132,18 @@ def test_a_failing_task_is_recorded_as_an_error_and_retried_on_resume(tmp_path):
     ok_ids = [r["id"] for r in ResultStore(tmp_path).records() if r.get("status") == "ok"
               and r["kind"] in ("train", "sweep_model")]
     assert len(ok_ids) == len(set(ok_ids)) == 4  # finished models written once
+
+
+def test_study_layer_never_imports_the_sweep_layer():
+    import ast
+    from pathlib import Path
+
+    import ridgeline.study
+
+    offenders = []
+    for path in Path(ridgeline.study.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("ridgeline.sweep")]
+    assert offenders == []  # sweep → study only
