@@ -10,6 +10,7 @@ where it stopped; a record already on disk is never written twice.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
     began = time.perf_counter()
     spec = sweep_spec(config)
     tasks = expand_sweep(config, spec)
+    _validate_studies(tasks)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
     if run_dir.exists() and not run_dir.is_dir():
         from ridgeline.errors import ConfigError
@@ -167,6 +169,35 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
             runner.close()
         stack.close()
     return SweepOutcome(run_dir, report_path, ran, skipped, failed, time.perf_counter() - began)
+
+
+def _validate_studies(tasks: list[SweepTask]) -> None:
+    """The study layer's whole-study validation (names, arguments, models built, training set
+    up) of each distinct task config, before any work, where the study layer has it."""
+    try:
+        from ridgeline.study.validate import validate_study
+    except ImportError:  # a study layer without whole-study validation
+        return
+    from ridgeline.errors import ConfigError
+    from ridgeline.sweep.config import _digest
+
+    seen: set[str] = set()
+    for task in tasks:
+        study = json.loads(json.dumps(task.study))
+        model = study["models"][0]
+        shape = {**study, "name": None, "models": [{**model, "name": None, "init_seed": None,
+                                                    "training": {**model.get("training", {}),
+                                                                 "seed": None}}]}
+        key = _digest(shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        study["measurements"] = [{"kind": p.kind, "id": p.id, **p.options} for p in task.plan[1:]]
+        try:
+            validate_study(StudyConfig(**study))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep point {task.settings} (model {task.base_model!r}): "
+                              f"{exc}") from exc
 
 
 def _lock(run_dir: Path, stack: contextlib.ExitStack) -> None:
