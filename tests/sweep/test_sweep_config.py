@@ -147,3 +147,12 @@ def test_study_layer_never_imports_the_sweep_layer():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("ridgeline.sweep")]
     assert offenders == []  # sweep → study only
+
+
+def test_unknown_factory_is_found_before_work_with_whole_study_validation(tmp_path):
+    pytest.importorskip("ridgeline.study.validate")
+    raw = sweep_config({"training.lr": [0.05, 0.1]}, measurements=[])
+    raw["models"][0]["factory"] = "mlpp"
+    with pytest.raises(ConfigError, match="mlpp"):
+        run_sweep(config_from_dict(raw), tmp_path / "run", engine="inprocess", progress=False)
+    assert not (tmp_path / "run").exists()
