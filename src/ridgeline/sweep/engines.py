@@ -193,7 +193,12 @@ class RayEngine(Engine):
             while queue and len(running) < limit:
                 task = queue.pop(0)
                 running[self._remote.remote(task)] = task
-            done, _ = ray.wait(list(running), num_returns=1)
+            try:
+                done, _ = ray.wait(list(running), num_returns=1)
+            except (RayError, ConnectionError) as exc:
+                raise DistributedError(f"lost the Ray cluster ({exc}); the finished models are "
+                                       "in results.jsonl: run the same command again (with "
+                                       "the cluster back) to resume.") from exc
             for ref in done:
                 task = running.pop(ref)
                 try:
