@@ -127,7 +127,7 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
         text = config_text or dump_toml(config.model_dump(mode="json", exclude_none=True))
         atomic_write_text(run_dir / "config.toml", text)
         previous = latest.get("study", {}).get("result", {})
-        if previous.get("config_text") != text:  # first run, or the config was edited
+        if previous.get("config") != config.model_dump(mode="json"):  # first run, or edited
             store.append({"id": "study", "kind": "study", "status": "ok",
                           "result": {"name": config.name, "description": config.description,
                                      "config": config.model_dump(mode="json"),
