@@ -167,7 +167,7 @@ class RayEngine(Engine):
                 ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError) as exc:
                 raise DistributedError(f"could not connect to the Ray cluster at {address!r}: "
-                                       f"{exc}. Start one with `ray start --head`, or leave "
+                                       f"{str(exc).rstrip('.')}. Start one with `ray start --head`, or leave "
                                        "--address out to start Ray on this machine.") from exc
             self._started = True
         self.address, self.workers = address, workers
