@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 from typer.testing import CliRunner
 
 from ridgeline.cli import app
@@ -65,3 +67,44 @@ def test_report_command_brings_the_correlation_record_up_to_date(tmp_path):
     before = path.read_text()
     assert runner.invoke(app, ["report", str(run_dir)]).exit_code == 0
     assert path.read_text() == before  # nothing changed: no new record
+
+
+def test_correlation_is_a_measurement_of_plain_studies(tmp_path):
+    from scipy.stats import kendalltau
+
+    models = "".join(f"""
+[[models]]
+name = "{n}"
+factory = "mlp"
+args = {{ in_features = 4, widths = [8], out_features = 3 }}
+init_seed = {i}
+training = {{ seed = {i}, lr = {lr} }}
+""" for i, (n, lr) in enumerate([("a", 0.02), ("b", 0.1), ("c", 0.3)]))
+    config = tmp_path / "study.toml"
+    config.write_text(TINY.split("[[models]]")[0] + models + """
+[[measurements]]
+kind = "curvature"
+models = ["a", "b", "c"]
+subset = 40
+k = 1
+trace = false
+density = false
+overlap_k = 0
+sharpness = false
+
+[[measurements]]
+kind = "generalization_correlation"
+bootstrap = 0
+""")
+    result = runner.invoke(app, ["study", str(config), "--out", str(tmp_path / "run"),
+                                 "--no-report"])
+    assert result.exit_code == 0, result.output
+    latest = ResultStore(tmp_path / "run").latest()
+    record = latest["generalization_correlation"]["result"]
+    lam = {m["id"]: m["measures"]["λ_max"] for m in record["models"]}
+    curvature = latest["curvature"]["result"]["models"]
+    assert lam == {n: curvature[n]["top"]["values"][0] for n in "abc"}
+    gaps = [m["gaps"]["error"] for m in record["models"]]
+    expected = kendalltau(list(lam.values()), gaps).statistic
+    tau = record["correlations"]["λ_max"]["error"]["tau"]
+    assert tau is None if math.isnan(expected) else tau == pytest.approx(expected, abs=1e-12)
