@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         no_report: bool = typer.Option(False, "--no-report", help="Skip writing report.html."),
     ) -> None:
         """Train and measure every model of the grid × seeds; resume what a crash left."""
-        from ridgeline.cli import fail, progress_on
+        from ridgeline.cli_options import fail, progress_on
         from ridgeline.study import load_config
         from ridgeline.sweep.runner import run_sweep
 
