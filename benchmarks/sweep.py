@@ -6,7 +6,7 @@ tasks one after another in this process and slots the tasks that run at once: th
 worker-seconds an engine spends beyond the work itself (process start, imports, transfer
 of records and checkpoints, scheduling). Every mode must write the same records.
 
-    python -m benchmarks sweep [--modes inprocess,local1,local2,ray2] [--json out.json]
+    python -m benchmarks sweep [--modes inprocess,local1,local2,ray2] [--repeats 3] [--json F]
 """
 
 from __future__ import annotations
@@ -75,15 +75,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks sweep")
     parser.add_argument("--modes", default="inprocess,local1,local2,ray2")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="median over this many runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    from ridgeline.data import load_dataset
+
+    for split in ("train", "test"):  # generate and cache the data once, outside every timing
+        load_dataset(CONFIG["data"]["name"], split)
     root = Path(tempfile.mkdtemp(prefix="ridgeline-bench-sweep-"))
-    results = [run_mode(mode, root) for mode in args.modes.split(",")]
+    modes = args.modes.split(",")
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for _ in range(args.repeats):  # interleaved, so that load changes hit every mode alike
+        for mode in modes:
+            runs[mode].append(run_mode(mode, root))
+    results = []
+    for mode in modes:
+        ordered = sorted(runs[mode], key=lambda r: r["wall_s"])
+        results.append({**ordered[len(ordered) // 2], "all_s": [round(r["wall_s"], 1)
+                                                                 for r in runs[mode]]})
     base = next((r for r in results if r["mode"] == "inprocess"), None)
     rows = []
     for r in results:
         row = {"mode": r["mode"], "slots": r["slots"], "tasks": r["tasks"],
-               "wall_s": round(r["wall_s"], 1)}
+               "wall_s": round(r["wall_s"], 1), "runs_s": r["all_s"]}
         if base is not None:
             row["speed_up"] = round(base["wall_s"] / r["wall_s"], 2)
             row["overhead_per_task_s"] = round(
