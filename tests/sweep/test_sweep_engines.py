@@ -74,14 +74,14 @@ def _task_records(run_dir: Path) -> dict[str, dict]:
 
 
 def _kill_one_worker_later(killed: list[int], stop: threading.Event) -> None:
-    """SIGKILL one worker process of the local engine once it has been alive for a second."""
+    """SIGKILL one worker process of the local engine once it has been alive for 0.2 s."""
     import multiprocessing
 
     seen: dict[int, float] = {}
     while not stop.is_set():
         for child in multiprocessing.active_children():
             first = seen.setdefault(child.pid, time.time())
-            if time.time() - first > 1.0:
+            if time.time() - first > 0.2:
                 try:
                     os.kill(child.pid, signal.SIGKILL)
                 except OSError:
