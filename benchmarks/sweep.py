@@ -1,8 +1,11 @@
 """The same 16-model sweep in one process, on the local engine with 1 and 2 workers, and on
 Ray with 2 CPUs: wall time, speed-up, and overhead per task.
 
-Overhead per task = (wall × slots − T₁) / tasks, where T₁ is the wall time of running the
-tasks one after another in this process and slots the tasks that run at once: the
+Each mode runs in a fresh Python process and pays its own start-up (the local engine's
+forkserver, the Ray instance), as a ``ridgeline sweep`` command does; wall time is that of
+``run_sweep`` (the driver's own imports excluded, equal for all modes). Overhead per task
+= (wall × slots − T₁) / tasks, where T₁ is the wall time of running the
+tasks one after another in one process and slots the tasks that run at once: the
 worker-seconds an engine spends beyond the work itself (process start, imports, transfer
 of records and checkpoints, scheduling). Every mode must write the same records.
 
@@ -67,6 +70,19 @@ def run_mode(mode: str, root: Path) -> dict:
             "records": _records(run_dir)}
 
 
+def run_mode_in_child(mode: str, root: Path) -> dict:
+    """``run_mode`` in a fresh Python process, so that every mode pays its own start-up
+    (a forkserver, a Ray instance) as a ``ridgeline sweep`` command would."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--child", mode, str(root)],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -87,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.repeats):  # interleaved, so that load changes hit every mode alike
         for mode in modes:
-            runs[mode].append(run_mode(mode, root))
+            runs[mode].append(run_mode_in_child(mode, root))
     results = []
     for mode in modes:
         ordered = sorted(runs[mode], key=lambda r: r["wall_s"])
@@ -118,4 +134,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        import hashlib
+
+        import torch
+
+        torch.set_num_threads(1)
+        result = run_mode(sys.argv[2], Path(sys.argv[3]))
+        result["records"] = hashlib.sha256(json.dumps(result["records"], sort_keys=True)
+                                           .encode()).hexdigest()
+        print(json.dumps(result))
+    else:
+        main()

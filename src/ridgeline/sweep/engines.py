@@ -117,7 +117,7 @@ class LocalEngine(Engine):
                     return
 
 
-_PRELOAD = ["torch", "ridgeline.sweep.task", "ridgeline.study.registry"]
+_PRELOAD = ["ridgeline.sweep._preload"]
 
 
 def _worker_context(method: str | None = None):
