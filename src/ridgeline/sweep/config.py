@@ -31,8 +31,8 @@ from ridgeline.study.registry import get_measurement
 __all__ = ["SweepSpec", "SweepTask", "PlannedRecord", "sweep_spec", "expand_sweep",
            "valid_grid_keys", "PAIR_KINDS"]
 
-#: Measurement kinds that compare two models: they have no meaning on one model of a sweep.
-PAIR_KINDS = frozenset({"connectivity", "barrier_prediction", "transport"})
+#: Kinds that compare two or more models: they have no meaning on one model of a sweep.
+PAIR_KINDS = frozenset({"connectivity", "barrier_prediction", "transport", "merge"})
 #: Kinds the sweep itself writes (never listed under ``[[sweep.measurements]]``).
 RESERVED_KINDS = frozenset({"train", "generalization_correlation"})
 
