@@ -149,10 +149,36 @@ def test_study_layer_never_imports_the_sweep_layer():
     assert offenders == []  # sweep → study only
 
 
-def test_unknown_factory_is_found_before_work_with_whole_study_validation(tmp_path):
-    pytest.importorskip("ridgeline.study.validate")
+def test_unknown_factory_is_found_before_work(tmp_path):
     raw = sweep_config({"training.lr": [0.05, 0.1]}, measurements=[])
     raw["models"][0]["factory"] = "mlpp"
     with pytest.raises(ConfigError, match="mlpp"):
         run_sweep(config_from_dict(raw), tmp_path / "run", engine="inprocess", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_garbage_and_stale_temporaries_left_by_a_killed_driver_are_cleared(tmp_path):
+    from ridgeline.study import ResultStore
+
+    config = config_from_dict(sweep_config({"training.lr": [0.05]}, seeds=[0], measurements=[]))
+    run_sweep(config, tmp_path, engine="inprocess", progress=False, report=False)
+    before = {r["id"] for r in ResultStore(tmp_path).records()}
+    with open(tmp_path / "results.jsonl", "ab") as handle:
+        handle.write(b"\xff\xfe not json\n")
+    stale = tmp_path / "checkpoints" / ".m-0.safetensors.abcd1234.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    outcome = run_sweep(config, tmp_path, engine="inprocess", progress=False, report=False)
+    assert outcome.ran == [] and len(outcome.skipped) == 1
+    assert {r["id"] for r in ResultStore(tmp_path).records()} == before
+    assert not stale.exists()
+
+
+def test_a_second_driver_on_a_locked_folder_is_refused(tmp_path):
+    from ridgeline.errors import RunInUseError
+    from ridgeline.study.lock import RunLock
+
+    config = config_from_dict(sweep_config({"training.lr": [0.05]}, seeds=[0], measurements=[]))
+    with RunLock(tmp_path):
+        with pytest.raises(RunInUseError, match="in use"):
+            run_sweep(config, tmp_path, engine="inprocess", progress=False)
+    assert not (tmp_path / "results.jsonl").exists()

@@ -15,11 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ridgeline.errors import ConfigError
 from ridgeline.progress import console, progress_bar
 from ridgeline.study.config import StudyConfig, dump_toml
+from ridgeline.study.lock import RunLock
 from ridgeline.study.runner import environment
-from ridgeline.study.store import ResultStore, atomic_write_text
-from ridgeline.sweep.config import SweepSpec, SweepTask, expand_sweep, sweep_spec
+from ridgeline.study.store import ResultStore, atomic_write_text, remove_stale_temporaries
+from ridgeline.study.validate import validate_study
+from ridgeline.sweep.config import SweepSpec, SweepTask, _digest, expand_sweep, sweep_spec
 from ridgeline.sweep.engines import Engine, make_engine
 from ridgeline.sweep.kind import KIND, correlation_result, inputs_digest
 
@@ -93,15 +96,11 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
     _validate_studies(tasks)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
     if run_dir.exists() and not run_dir.is_dir():
-        from ridgeline.errors import ConfigError
-
         raise ConfigError(f"--out {run_dir} is a file; give a folder for the sweep's results.")
     store = ResultStore(run_dir)
     latest = store.latest()
     previous = latest.get("study", {}).get("result")
     if previous is not None and (not previous.get("sweep") or previous.get("name") != config.name):
-        from ridgeline.errors import ConfigError
-
         what = "sweep" if previous.get("sweep") else "study"
         raise ConfigError(f"{run_dir} holds the {what} {previous.get('name')!r}, not the sweep "
                           f"{config.name!r}; give another --out (results of different runs "
@@ -117,7 +116,8 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
     stack = contextlib.ExitStack()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _lock(run_dir, stack)
+        stack.enter_context(RunLock(run_dir))  # a second driver on this folder is refused
+        _clean_up(run_dir, store, say)
         latest = store.latest()  # again, now that no other driver can write
         pending = [t for t in tasks if _done(t, latest) != set(t.record_ids)]
         skipped = [t.id for t in tasks if t not in pending]
@@ -171,16 +171,21 @@ def run_sweep(config: StudyConfig, run_dir: str | Path | None = None, *,
     return SweepOutcome(run_dir, report_path, ran, skipped, failed, time.perf_counter() - began)
 
 
-def _validate_studies(tasks: list[SweepTask]) -> None:
-    """The study layer's whole-study validation (names, arguments, models built, training set
-    up) of each distinct task config, before any work, where the study layer has it."""
-    try:
-        from ridgeline.study.validate import validate_study
-    except ImportError:  # a study layer without whole-study validation
-        return
-    from ridgeline.errors import ConfigError
-    from ridgeline.sweep.config import _digest
+def _clean_up(run_dir: Path, store: ResultStore, say) -> None:
+    """Holding the lock: delete the temporary files of writes a killed driver left, and
+    move unreadable lines out of results.jsonl (their work is redone)."""
+    removed = remove_stale_temporaries(run_dir)
+    if removed:
+        say(f"removed {len(removed)} unfinished temporary file(s) of an interrupted run")
+    moved, where = store.quarantine()
+    if moved:
+        say(f"[yellow]{moved} unreadable line(s) of results.jsonl moved to {where}; their "
+            "work is redone[/]")
 
+
+def _validate_studies(tasks: list[SweepTask]) -> None:
+    """The study layer's whole-study validation (names, arguments, models built) of each
+    distinct task config, before any work and before the run folder is created."""
     seen: set[str] = set()
     for task in tasks:
         study = json.loads(json.dumps(task.study))
@@ -198,16 +203,6 @@ def _validate_studies(tasks: list[SweepTask]) -> None:
         except ConfigError as exc:
             raise ConfigError(f"sweep point {task.settings} (model {task.base_model!r}): "
                               f"{exc}") from exc
-
-
-def _lock(run_dir: Path, stack: contextlib.ExitStack) -> None:
-    """Hold the study layer's exclusive lock on the run folder for the whole sweep, where the
-    study layer has one (``ridgeline.study.lock``): a second driver on one folder is refused."""
-    try:
-        from ridgeline.study.lock import RunLock
-    except ImportError:  # a study layer without run-folder locks
-        return
-    stack.enter_context(RunLock(run_dir))
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
