@@ -108,3 +108,20 @@ bootstrap = 0
     expected = kendalltau(list(lam.values()), gaps).statistic
     tau = record["correlations"]["λ_max"]["error"]["tau"]
     assert tau is None if math.isnan(expected) else tau == pytest.approx(expected, abs=1e-12)
+
+
+def test_report_of_a_running_sweep_writes_no_record(tmp_path):
+    import tomllib
+
+    from ridgeline.study.lock import RunLock
+
+    raw = tomllib.loads(TINY)
+    raw["sweep"] = {"seeds": [0], "grid": {"training.lr": [0.05, 0.2]}, "bootstrap": 10}
+    run_sweep(config_from_dict(raw), tmp_path, engine="inprocess", progress=False, report=False)
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    before = path.read_text()
+    with RunLock(tmp_path):  # as a driver holds it
+        result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0 and "still running" in result.output
+    assert path.read_text() == before and (tmp_path / "report.html").exists()
