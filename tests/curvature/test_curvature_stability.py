@@ -132,3 +132,24 @@ def test_full_batch_gradient_descent_reaches_the_edge_of_stability():
     assert sharpness[0] < 0.5 * 2 / lr                 # starts well below the threshold
     assert max(sharpness) > 0.9 * 2 / lr               # progressive sharpening reaches it
     assert max(sharpness) < 1.5 * 2 / lr               # and hovers there instead of diverging
+
+
+def test_full_batch_gradient_descent_sharpens_to_two_over_eta_and_stays_there():
+    """Cohen et al. (2021), reduced (a 40-256-256-10 MLP, 500 MNIST-1D examples, 120 full-batch
+    steps at η = 0.3): λ_max starts near 0.13·(2/η), rises to 2/η within 60 steps and then
+    hovers at 1.0–1.25·(2/η) instead of diverging or falling back."""
+    from ridgeline.data import mnist1d
+
+    data = mnist1d("train").subset(500)
+    torch.manual_seed(0)
+    model = mlp(40, [256, 256], 10)
+    lr = 0.3
+    eos = curvature.EdgeOfStability(subset=data, every=20, lr=lr, momentum=0.0, tol=1e-2)
+    ridgeline.train(model, data, lr=lr, momentum=0.0, epochs=120, batch_size=500,
+                    callbacks=[eos], progress=False)
+    ratio = [s / (2 / lr) for s in eos.sharpness]  # λ_max in units of the threshold 2/η
+    assert eos.steps == [0, 20, 40, 60, 80, 100, 120]
+    assert ratio[0] < 0.3                              # starts well below the threshold
+    assert ratio[1] < ratio[2] < ratio[3]              # progressive sharpening
+    assert max(ratio[:4]) > 0.9                        # reaches 2/η by step 60
+    assert all(0.85 < r < 1.4 for r in ratio[3:])      # and hovers there
