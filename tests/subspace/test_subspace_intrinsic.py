@@ -163,6 +163,28 @@ def test_a_diverging_run_counts_as_zero_accuracy_with_a_warning(blobs):
     assert result.learning_rates == ((0.05,),) and result.accuracies[0][0] > 0
 
 
+def test_d_int90_on_digits_is_a_small_width_independent_fraction_of_d():
+    """Li et al. (2018), reduced (8 epochs in the subspace, one learning rate): going from
+    64-32-32-10 (D = 3466) to 64-128-128-10 (D = 26122) multiplies D by 7.5 but leaves
+    d_int90 within a factor 2 (measured: 228 and 349), a few percent of D for the wide net."""
+    train, test = digits("train"), digits("test")
+    found = {}
+    for widths in ([32, 32], [128, 128]):
+        result = intrinsic_dimension(lambda widths=widths: mlp(64, widths, 10), train,
+                                     eval_data=test, dims=[30, 100, 300, 1000], epochs=8,
+                                     lr=3e-2, baseline_lr=1e-2, baseline_epochs=15,
+                                     projection="fastfood", search="bisect", tol=0.3,
+                                     progress=False)
+        assert result.baseline > 0.9  # the full networks solve the task
+        assert result.d_int90 is not None
+        assert result.mean_accuracies[0] < result.target  # d = 30 is not enough
+        found[result.num_params] = result.d_int90
+    (small_d, small), (large_d, large) = sorted(found.items())
+    assert large_d / small_d > 7
+    assert 1 / 2 <= large / small <= 2
+    assert large < 0.05 * large_d
+
+
 @pytest.mark.slow
 def test_d_int90_on_digits_varies_little_with_width():
     """Li et al. (2018): once a network solves the task, d_int90 barely depends on its size."""
