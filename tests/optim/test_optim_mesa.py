@@ -92,3 +92,19 @@ def test_teacher_gets_no_gradient_and_bad_arguments_fail():
     with pytest.raises(ConfigError, match="temperature"):
         EMATeacherLoss(model, temperature=0.0)
     np.testing.assert_equal(teacher.describe()["start_epoch"], 0)
+
+
+def test_ema_decay_defaults_are_the_authors_0_9998_and_a_three_epoch_horizon():
+    """EMATeacherLoss defaults to d = 0.9998, the `--model-ema-decay` default of the authors'
+    MESA_train.py (Du et al. 2022; docs/methods.md §3); the "mesa" training method defaults
+    to d = 1 − 1/(3·steps per epoch), 0.99973 at the authors' 1251 ImageNet steps per epoch."""
+    from ridgeline.optim.methods import mesa_method
+    from ridgeline.train import MethodContext
+
+    model = _net(0)
+    assert EMATeacherLoss(model).decay == 0.9998
+    for steps, expected in ((1251, 1 - 1 / 3753), (32, 1 - 1 / 96)):
+        ctx = MethodContext(model=model, loss_fn=ridgeline.losses.cross_entropy, lr=0.1,
+                            momentum=0.9, weight_decay=0.0, epochs=10, num_examples=40,
+                            num_outputs=3, steps_per_epoch=steps, seed=0)
+        assert mesa_method(ctx).teacher.decay == pytest.approx(expected, rel=1e-15)

@@ -4,7 +4,7 @@
 (random, local-loss, previous, user-given); ``quality`` measures the cosine of the
 estimate with the backprop gradient; ``ForwardGradientSGD`` and
 ``ridgeline.train(..., gradient="forward")`` train with the estimates. See
-docs/forward-gradients.md and METHODS.md §5.
+docs/forward-gradients.md and docs/methods.md §5.
 """
 
 from ridgeline.gradients import training as _training  # noqa: F401 - registers "forward"

@@ -1,4 +1,4 @@
-"""Neural tangent kernels (METHODS.md §4).
+"""Neural tangent kernels (docs/methods.md §4).
 
 * :func:`empirical_ntk` — Θ(x, x') = J(x) J(x')ᵀ of any model, tiled under a memory budget
   (:func:`plan_ntk` shows the plan: method, tile size, memory estimate).

@@ -2,7 +2,7 @@
 
 Computed tile by tile over (N1, N2) so that the peak memory, estimated before any work,
 stays under a budget; two implementations (Jacobian contraction and NTK-vector products)
-are chosen between by a cost model (METHODS.md §4).
+are chosen between by a cost model (docs/methods.md §4).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ class EMATeacherLoss:
     model : nn.Module
         The student; the teacher starts as a copy of it.
     decay : float
-        d in [0, 1) (paper: 0.9998 for ImageNet-length runs; choose 1 − d ≈ 1/(a few
-        epochs of steps) for short runs).
+        d in [0, 1) (0.9998: the authors' code, ``MESA_train.py``, for ImageNet-length runs;
+        choose 1 − d ≈ 1/(a few epochs of steps) for short runs).
     temperature : float
         τ > 0 (paper: 5).
     weight : float

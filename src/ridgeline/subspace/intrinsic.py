@@ -176,9 +176,8 @@ def intrinsic_dimension(model_fn: Callable[[], nn.Module] | nn.Module, data: Any
         d_int = min { d : mean over seeds of a(d) ≥ threshold · baseline },
 
     with ``baseline`` the full model's accuracy after training in all its D parameters
-    (``"measured"``) or a given accuracy (a float; ``baseline=1.0, threshold=0.9`` is the
-    "90 % absolute accuracy" basis of the original code, which puts MNIST's FC network at
-    750 against ~525 on the measured-baseline basis).
+    (``"measured"``, the basis of Li et al.'s d_int90) or a given accuracy (a float;
+    ``baseline=1.0, threshold=0.9`` is an absolute "90 % accuracy" basis).
 
     Parameters
     ----------

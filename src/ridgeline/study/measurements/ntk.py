@@ -1,6 +1,6 @@
 """Measurement ``ntk``: the empirical NTK of each listed model at initialisation and after
 training (spectrum, kernel-target alignment, drift), and kernel regression with it
-compared with the trained network (METHODS.md §4)."""
+compared with the trained network (docs/methods.md §4)."""
 
 from __future__ import annotations
 
