@@ -150,6 +150,6 @@ def test_full_batch_gradient_descent_sharpens_to_two_over_eta_and_stays_there():
     ratio = [s / (2 / lr) for s in eos.sharpness]  # λ_max in units of the threshold 2/η
     assert eos.steps == [0, 20, 40, 60, 80, 100, 120]
     assert ratio[0] < 0.3                              # starts well below the threshold
-    assert ratio[1] < ratio[2] < ratio[3]              # progressive sharpening
+    assert ratio[0] < ratio[1] < ratio[2]              # progressive sharpening
     assert max(ratio[:4]) > 0.9                        # reaches 2/η by step 60
     assert all(0.85 < r < 1.4 for r in ratio[3:])      # and hovers there
