@@ -239,7 +239,9 @@ class CurvatureOperator:
     mode : {"eval", "train"}
         How the model is evaluated (eval mode unless the Objective says otherwise).
     notes : tuple of str
-        Facts a result should carry (e.g. BatchNorm evaluated in eval mode).
+        Facts a result should carry (e.g. BatchNorm evaluated in eval mode; attention
+        products on the MATH backend of ``scaled_dot_product_attention``, see
+        :mod:`ridgeline.outputs`).
     matvecs : int
         Products computed so far (a block of b vectors counts b).
     """
@@ -249,7 +251,7 @@ class CurvatureOperator:
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}.")
         self.objective, self.kind = objective, kind
-        self.notes = _mode_notes(objective)
+        self.notes = _mode_notes(objective) + objective.attention_notes
         self.mode = "train" if objective.train_mode else "eval"
         every = objective.params()
         names = select_parameters(every, param_filter)
@@ -343,7 +345,8 @@ class CurvatureOperator:
         if v.dim() != 1:
             raise ShapeMismatchError(f"matvec takes a 1-D vector of length {self.shape[0]}, got "
                                      f"shape {tuple(v.shape)}; use matmat for several vectors.")
-        out = self.objective.batch_mean(self._batch_fn(self.unflatten(v), batched=False))
+        with self.objective.differentiable_attention():
+            out = self.objective.batch_mean(self._batch_fn(self.unflatten(v), batched=False))
         self.matvecs += 1
         return flatten({n: out[n] for n in self.param_names})
 
@@ -357,7 +360,8 @@ class CurvatureOperator:
         if b == 0:
             return matrix.clone()
         tangent = self.unflatten(matrix.T.contiguous())
-        out = self.objective.batch_mean(self._batch_fn(tangent, batched=True))
+        with self.objective.differentiable_attention():
+            out = self.objective.batch_mean(self._batch_fn(tangent, batched=True))
         self.matvecs += b
         return torch.cat([out[n].reshape(b, -1) for n in self.param_names], dim=1).T
 
