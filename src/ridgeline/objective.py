@@ -27,7 +27,14 @@ from ridgeline.losses import (
     loss_weight,
     resolve_loss,
 )
-from ridgeline.outputs import ATTENTION_NOTE, as_logits, differentiable_attention, uses_attention
+from ridgeline.outputs import (
+    ATTENTION_NOTE,
+    as_logits,
+    differentiable_attention,
+    model_uses_attention,
+    remember_attention,
+    uses_attention,
+)
 from ridgeline.params import Params, named_buffers, named_parameters
 
 __all__ = ["Objective", "as_objective", "Batch", "DEFAULT_BATCH_SIZE"]
@@ -326,10 +333,12 @@ class Objective:
         """Whether the model calls ``F.scaled_dot_product_attention`` (seen in the probe
         forward pass of validation, or in one probe on two examples)."""
         if self._attention is None:
-            probe = next(self.per_batch(shard=False))
-            self._attention = uses_attention(
-                lambda: self.forward(self.params(), probe.inputs[:2]))
-        return self._attention
+            def probe() -> Any:
+                batch = next(self.per_batch(shard=False))
+                return self.forward(self.params(), batch.inputs[:2])
+
+            self._attention = model_uses_attention(self.model, probe)
+        return bool(self._attention)
 
     def differentiable_attention(self) -> contextlib.AbstractContextManager:
         """A context for forward-mode and second-order work: for a model that calls
@@ -389,8 +398,8 @@ class Objective:
             targets = None
         outputs: list[torch.Tensor] = []
         try:
-            self._attention = uses_attention(lambda: outputs.append(
-                self.forward(self.params(), self._prepare_inputs(probe_x))))
+            self._attention = remember_attention(self.model, uses_attention(lambda: outputs.append(
+                self.forward(self.params(), self._prepare_inputs(probe_x)))))
             out = outputs[0]
         except ShapeMismatchError:
             raise

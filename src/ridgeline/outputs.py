@@ -27,6 +27,7 @@ dropout is too.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from ridgeline.errors import ShapeMismatchError
 
-__all__ = ["as_logits", "uses_attention", "differentiable_attention", "ATTENTION_NOTE"]
+__all__ = ["as_logits", "uses_attention", "AttentionRecorder", "differentiable_attention", "ATTENTION_NOTE"]
 
 #: the note results carry when attention products ran on the MATH backend
 ATTENTION_NOTE = ("model calls F.scaled_dot_product_attention: second-order and forward-mode "
@@ -90,7 +91,10 @@ def logits_call(fn: Callable[..., Any]) -> Callable[..., torch.Tensor]:
     return call
 
 
-class _AttentionRecorder(TorchFunctionMode):
+class AttentionRecorder(TorchFunctionMode):
+    """A context that records (in ``seen``) whether ``F.scaled_dot_product_attention`` was
+    called inside it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.seen = False
@@ -104,9 +108,36 @@ class _AttentionRecorder(TorchFunctionMode):
 def uses_attention(run: Callable[[], Any]) -> bool:
     """Whether calling ``run()`` (one forward pass, run here without gradients) calls
     ``F.scaled_dot_product_attention``."""
-    with torch.no_grad(), _AttentionRecorder() as recorder:
+    with torch.no_grad(), AttentionRecorder() as recorder:
         run()
     return recorder.seen
+
+
+#: what the probes found, per model (a weak reference: forgotten with the model)
+_KNOWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_uses_attention(model: Any, run: Callable[[], Any] | None = None) -> bool | None:
+    """Whether ``model`` calls ``F.scaled_dot_product_attention``: remembered from an earlier
+    probe of the same model object, else found by ``run()`` (one forward pass; ``None``
+    when there is no ``run`` and nothing is known)."""
+    try:
+        if model in _KNOWN:
+            return _KNOWN[model]
+    except TypeError:  # not weak-referenceable
+        return uses_attention(run) if run is not None else None
+    if run is None:
+        return None
+    return remember_attention(model, uses_attention(run))
+
+
+def remember_attention(model: Any, seen: bool) -> bool:
+    """Record what a probe of ``model`` found (see :func:`model_uses_attention`)."""
+    try:
+        _KNOWN[model] = bool(seen)
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        pass
+    return bool(seen)
 
 
 @contextlib.contextmanager
