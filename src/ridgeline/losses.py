@@ -22,20 +22,30 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 IGNORE_INDEX = -100
 
 
-def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """Refuse class or token targets whose shape does not fit the logits.
+def target_shape_error(logits_shape: tuple[int, ...], targets_shape: tuple[int, ...]
+                       ) -> ShapeMismatchError | None:
+    """The error for class or token targets whose shape does not fit the logits, or None.
 
     Logits (N, C) need targets (N,); logits (N, T, V) need (N, T) — one class index per
     position, the logits' shape without its last axis.
     """
-    if outputs.dim() < 2 or tuple(targets.shape) != tuple(outputs.shape[:-1]):
-        kind = "token" if outputs.dim() >= 3 else "class"
-        raise ShapeMismatchError(
-            f"cross_entropy got logits of shape {tuple(outputs.shape)} and {kind} targets of "
-            f"shape {tuple(targets.shape)}; the targets must have the logits' shape without "
-            f"the last (class) axis, {tuple(outputs.shape[:-1])}: (N,) class indices for "
-            "(N, C) logits, (N, T) token indices for (N, T, V) logits (use -100 for positions "
-            "to ignore). For next-token prediction pass (tokens[:, :-1], tokens[:, 1:]).")
+    logits_shape, targets_shape = tuple(logits_shape), tuple(targets_shape)
+    if len(logits_shape) >= 2 and targets_shape == logits_shape[:-1]:
+        return None
+    kind = "token" if len(logits_shape) >= 3 else "class"
+    return ShapeMismatchError(
+        f"cross_entropy got logits of shape {logits_shape} and {kind} targets of shape "
+        f"{targets_shape}; the targets must have the logits' shape without the last (class) "
+        f"axis, {logits_shape[:-1]}: (N,) class indices for (N, C) logits, (N, T) token "
+        "indices for (N, T, V) logits (use -100 for positions to ignore). For next-token "
+        "prediction pass (tokens[:, :-1], tokens[:, 1:]).")
+
+
+def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Raise :func:`target_shape_error` when the targets do not fit the logits."""
+    error = target_shape_error(tuple(outputs.shape), tuple(targets.shape))
+    if error is not None:
+        raise error
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,9 @@ from ridgeline.losses import (
     IGNORE_INDEX,
     LossFn,
     accuracy,
-    check_class_targets,
     loss_weight,
     resolve_loss,
+    target_shape_error,
 )
 from ridgeline.outputs import (
     ATTENTION_NOTE,
@@ -411,7 +411,10 @@ class Objective:
             if probe_y.is_floating_point():
                 raise DataError("cross_entropy needs integer class labels; got float targets. "
                                 "Use loss='mse' for regression targets.")
-            check_class_targets(out, self._targets_to_device(probe_y))
+            whole = targets if targets is not None else probe_y
+            error = target_shape_error((whole.shape[0], *out.shape[1:]), tuple(whole.shape))
+            if error is not None:
+                raise error
             classes = out.shape[-1]
             labels = targets if targets is not None else probe_y
             labels = labels[labels != IGNORE_INDEX]

@@ -37,7 +37,8 @@ def model_factory(name: str):
 
 
 def build_model(factory: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model (``"mlp"``, ``"cnn1d"``, ``"resnet"``) from its arguments."""
+    """Build a registered model (``"mlp"``, ``"cnn1d"``, ``"resnet"``, ``"transformer"``)
+    from its arguments."""
     if factory not in FACTORIES:
         raise ConfigError(f"unknown model {factory!r}; known models are {sorted(FACTORIES)}.")
     try:
