@@ -136,12 +136,40 @@ def _hessian_product(objective: Objective, fixed: Params) -> Product:
     return product
 
 
+class _RecordedGradient:
+    """∇L_b recorded once with ``create_graph``; each product H v is one reverse pass through
+    that graph (H is symmetric, so the vector-Jacobian product of ∇L is H v). Plain
+    ``torch.autograd`` (no functorch wrapping of every op in the reverse pass); a block
+    of vectors goes through ``is_grads_batched``."""
+
+    def __init__(self, objective: Objective, fixed: Params, params: Params, x, y) -> None:
+        self.names = list(params)
+        self.leaves = [params[n].detach().requires_grad_(True) for n in self.names]
+        with torch.enable_grad():
+            loss = objective.batch_loss({**fixed, **dict(zip(self.names, self.leaves))}, x, y)
+            grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
+        # gradients that depend on θ, with the names of the parameters they belong to
+        self.outputs = [(n, g) for n, g in zip(self.names, grads)
+                        if g is not None and g.requires_grad]
+
+    def _product(self, tangent: Params, batched: bool) -> Params:
+        outs: tuple = (None,) * len(self.leaves)
+        if self.outputs:
+            outs = torch.autograd.grad([g for _, g in self.outputs], self.leaves,
+                                       [tangent[n] for n, _ in self.outputs], retain_graph=True,
+                                       allow_unused=True, is_grads_batched=batched)
+        return {n: torch.zeros_like(tangent[n]) if o is None else o
+                for n, o in zip(self.names, outs)}
+
+    def __call__(self, tangent: Params) -> Params:
+        return self._product(tangent, batched=False)
+
+    def batched(self, tangent: Params) -> Params:
+        return self._product(tangent, batched=True)
+
+
 def _hessian_cached(objective: Objective, fixed: Params, params: Params, x, y):
-    """Record the gradient's graph once; each product is one reverse pass through it
-    (H is symmetric, so the vector-Jacobian product of ∇L is H v)."""
-    gradient = grad(lambda p: objective.batch_loss({**fixed, **p}, x, y))
-    _, pullback = vjp(gradient, params)
-    return lambda tangent: pullback(tangent)[0]
+    return _RecordedGradient(objective, fixed, params, x, y)
 
 
 def _ggn_product(objective: Objective, fixed: Params) -> Product:
@@ -330,7 +358,9 @@ class CurvatureOperator:
 
         def fn(x, y):
             if cached is not None and x.shape[0] == cached[0]:
-                product = vmap(cached[1]) if batched else cached[1]
+                product = cached[1]
+                if batched:
+                    product = getattr(product, "batched", None) or vmap(product)
                 out = product(tangent)
             else:
                 out = (self._batched if batched else self._product)(x, y, self._params, tangent)

@@ -18,8 +18,8 @@ from ridgeline.gradients.forward import COMBINE, check_num_guesses, forward_grad
 from ridgeline.gradients.guesses import Guess
 from ridgeline.gradients.resolve import resolve_guess
 from ridgeline.losses import LossFn, resolve_loss
-from ridgeline.outputs import as_logits
 from ridgeline.objective import Objective
+from ridgeline.outputs import as_logits
 from ridgeline.params import make_generator
 from ridgeline.train import (
     MethodContext,
