@@ -14,13 +14,14 @@ So ``GPT2LMHeadModel`` gives (N, T, V) token logits, ``BertForSequenceClassifica
 
 **Attention.** PyTorch's fused ``F.scaled_dot_product_attention`` kernels (flash and
 memory-efficient) have a first derivative but no forward-mode rule and no derivative of
-their backward. Products that need either — Hessian and GGN products, Fisher products
-(forward mode), jvps, NTK-vector products and forward gradients — run under
-:func:`differentiable_attention`, which selects the MATH backend (plain matmul and
-softmax, whose derivatives of every order exist) only for models that call
-``scaled_dot_product_attention``; results then carry :data:`ATTENTION_NOTE` in their
-notes. First-order work (losses, gradients, Jacobians by reverse mode) keeps the default
-backends. Dropout is off in eval mode (the default of every ``Objective``), so attention
+their backward, and ``vmap`` has no batching rule for them (it falls back to a slow
+loop). Work that needs any of these — Hessian and GGN products, Fisher products (forward
+mode), jvps, the empirical NTK (per-example Jacobians and NTK-vector products) and
+forward gradients — runs under :func:`differentiable_attention`, which selects the MATH
+backend (plain matmul and softmax, whose derivatives of every order exist) only for
+models that call ``scaled_dot_product_attention``; results then carry
+:data:`ATTENTION_NOTE` in their notes. First-order work (losses, gradients, training,
+paths) keeps the default backends. Dropout is off in eval mode (the default of every ``Objective``), so attention
 dropout is too.
 """
 
@@ -40,9 +41,10 @@ from ridgeline.errors import ShapeMismatchError
 __all__ = ["as_logits", "uses_attention", "AttentionRecorder", "differentiable_attention", "ATTENTION_NOTE"]
 
 #: the note results carry when attention products ran on the MATH backend
-ATTENTION_NOTE = ("model calls F.scaled_dot_product_attention: second-order and forward-mode "
-                  "products use its MATH backend (torch.nn.attention.sdpa_kernel("
-                  "SDPBackend.MATH)), whose derivatives of every order exist.")
+ATTENTION_NOTE = ("model calls F.scaled_dot_product_attention: products that need forward "
+                  "mode, a second derivative or a per-example vmap ran on its MATH backend "
+                  "(torch.nn.attention.sdpa_kernel(SDPBackend.MATH)); the fused kernels "
+                  "support none of these.")
 
 
 def as_logits(output: Any) -> torch.Tensor:

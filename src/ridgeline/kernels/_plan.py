@@ -97,8 +97,8 @@ class NTKPlan:
     estimated_flops : dict
         Multiply-add estimate of each feasible method (the cheaper one wins under "auto").
     notes : tuple of str
-        E.g. that NTK-vector products run attention on the MATH backend of
-        ``scaled_dot_product_attention`` (forward mode needs it).
+        E.g. that attention runs on the MATH backend of ``scaled_dot_product_attention``
+        (per-example vmap and forward mode need it).
     """
 
     method: str
