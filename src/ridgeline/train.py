@@ -302,7 +302,9 @@ def train(model: nn.Module, data: Any, *, optimizer: str | torch.optim.Optimizer
     num_examples = int(inputs.shape[0])
     steps_per_epoch = math.ceil(num_examples / batch_size)
     with torch.no_grad(), module_mode(model, False):  # eval mode: BN must not see this probe
-        num_outputs = int(as_logits(model(inputs[:1].to(device, dtype))).shape[-1])
+        probe = inputs[:1].to(device)  # token ids stay integers
+        probe = probe.to(dtype) if probe.is_floating_point() else probe
+        num_outputs = int(as_logits(model(probe)).shape[-1])
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
