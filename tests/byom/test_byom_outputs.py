@@ -95,7 +95,8 @@ def test_dataset_mean_weights_batches_by_tokens_that_count_equals_explicit_hessi
     y[0, :4] = -100
     y[5, 1:] = -100
     y[6, :] = -100  # a batch of its own with no term (batch_size=3: examples 6..6)
-    truth = hand_mean_token_loss(model, x, y)
+    with torch.no_grad():
+        truth = hand_mean_token_loss(model, x, y)
     objective = Objective(model, (x, y), batch_size=3)
     assert float(objective.loss()) == pytest.approx(float(truth), rel=1e-13)
 
@@ -132,3 +133,34 @@ def test_class_targets_of_the_wrong_shape_are_refused():
     with pytest.raises(ShapeMismatchError, match=r"logits of shape \(5, 3\) and class targets "
                                                   r"of shape \(5, 2\)"):
         Objective(model, (x, torch.zeros(5, 2, dtype=torch.long)))
+
+
+def test_training_statistics_weight_batches_by_tokens_equal_the_hand_written_mean():
+    """With lr = 0 the model never moves, so the epoch's running train loss and accuracy
+    (token-weighted over uneven mini-batches with ignored tokens) equal the hand-written
+    token means over the whole data."""
+    import ridgeline
+
+    torch.manual_seed(0)
+    model = Wrapped("tuple").double()
+    x, y = tokens(n=11)
+    y[0, :4] = -100
+    y[7, 1:] = -100
+    with torch.no_grad():
+        truth = float(hand_mean_token_loss(lambda t: model(t)[0], x, y))
+        keep = y != -100
+        hits = ((model(x)[0].argmax(-1) == y) & keep).sum()
+    result = ridgeline.train(model, (x, y), epochs=1, lr=0.0, momentum=0.0, batch_size=4,
+                             progress=False)
+    last = result.history[-1]
+    assert last["train_loss"] == pytest.approx(truth, rel=1e-12)
+    assert last["train_accuracy"] == pytest.approx(float(hits) / float(keep.sum()), rel=1e-12)
+
+
+def test_subspace_model_of_layers_without_bias_equals_the_model_at_z_zero():
+    from ridgeline.subspace import SubspaceModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3, bias=False), nn.Flatten(), nn.Linear(3 * 6, 2))
+    x = torch.randn(4, 1, 8)
+    torch.testing.assert_close(SubspaceModel(model, dim=5)(x), model(x))
