@@ -108,7 +108,8 @@ def test_config_errors_name_the_key():
 
 def test_default_config_and_presets_validate():
     config = load_config()
-    assert [m.name for m in config.models] == ["a", "b", "c"]
+    assert [m.name for m in config.models] == ["a", "b", "c", "t1", "t2"]
+    assert {m.factory for m in config.models} == {"mlp", "transformer"}
     assert len(config.measurements) >= 10  # every instrument has a measurement
     quick = load_config(preset="quick")
     assert quick.training.epochs < config.training.epochs

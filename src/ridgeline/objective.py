@@ -19,7 +19,22 @@ from torch.utils._pytree import tree_map
 from ridgeline import distributed
 from ridgeline.data.dataset import Dataset
 from ridgeline.errors import DataError, NonFiniteLossError, ShapeMismatchError
-from ridgeline.losses import LossFn, resolve_loss
+from ridgeline.losses import (
+    IGNORE_INDEX,
+    LossFn,
+    accuracy,
+    loss_weight,
+    resolve_loss,
+    target_shape_error,
+)
+from ridgeline.outputs import (
+    ATTENTION_NOTE,
+    as_logits,
+    differentiable_attention,
+    model_uses_attention,
+    remember_attention,
+    uses_attention,
+)
 from ridgeline.params import Params, named_buffers, named_parameters, unflatten
 
 __all__ = ["Objective", "as_objective", "Batch", "DEFAULT_BATCH_SIZE"]
@@ -30,12 +45,17 @@ DEFAULT_BATCH_SIZE = 4096
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch: inputs, targets, its size, and its position in the dataset."""
+    """One batch: inputs, targets, its position in the dataset, and its weight.
+
+    ``weight`` is the number of terms the batch's loss averages: its examples, or for
+    token targets under cross-entropy the tokens that count (targets ≠ −100).
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     index: int
     start: int
+    weight: int
 
     @property
     def size(self) -> int:
@@ -63,14 +83,23 @@ class Objective:
 
     The model is evaluated with ``torch.func.functional_call`` on a parameter dict, so
     L, ∇L and Hessian-vector products are pure functions of θ. Dataset means are exact:
-    each batch mean is weighted by its size (an uneven last batch does not bias them).
-    Buffers (BatchNorm running statistics) are carried along and never updated.
+    each batch mean is weighted by the number of terms it averages — its size, or for
+    token targets the tokens that count (:func:`ridgeline.losses.loss_weight`) — so an
+    uneven last batch or padding does not bias them. Buffers (BatchNorm running
+    statistics) are carried along and never updated.
+
+    The model's output is reduced to its logits by :func:`ridgeline.outputs.as_logits`
+    (a Hugging Face ``ModelOutput`` or dict gives ``logits``, a tuple its first element),
+    so ``Objective(GPT2LMHeadModel(config), (tokens, next_tokens))`` is the mean token
+    cross-entropy.
 
     Parameters
     ----------
     model : nn.Module
     data : (inputs, targets), ridgeline Dataset, DataLoader, or iterable of batches
+        Targets are (N,) class indices, (N, T) token indices (−100 ignored), or floats.
     loss : {"cross_entropy", "mse"} or callable (outputs, targets) -> scalar batch mean
+        A callable's batches are weighted by their number of examples.
     batch_size : int, optional
         Examples per evaluation batch for tensor data; ``None`` uses the whole dataset in
         one batch up to :data:`DEFAULT_BATCH_SIZE` examples. Ignored for DataLoaders.
@@ -100,6 +129,7 @@ class Objective:
         if batch_size is not None and batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}.")
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._attention: bool | None = None
         self._loader: Iterable | None = None
         self.num_classes: int | None = None
         if isinstance(data, Dataset):
@@ -185,7 +215,8 @@ class Objective:
         for index, (inputs, targets) in enumerate(self._iterate_all()):
             size = int(inputs.shape[0])
             if index % world == me:
-                yield Batch(self._prepare_inputs(inputs), targets.to(self.device), index, start)
+                yield Batch(self._prepare_inputs(inputs), targets.to(self.device), index, start,
+                            loss_weight(self.loss_fn, targets))
             start += size
 
     def _prepare_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -203,7 +234,8 @@ class Objective:
         if self.train_mode:
             buffers = {k: v.clone() for k, v in buffers.items()}
         with module_mode(self.model, self.train_mode):
-            return functional_call(self.model, ({**params}, {**buffers}), (inputs,), strict=False)
+            return as_logits(functional_call(self.model, ({**params}, {**buffers}), (inputs,),
+                                             strict=False))
 
     def batch_loss(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor,
                    targets: torch.Tensor) -> torch.Tensor:
@@ -212,21 +244,26 @@ class Objective:
 
     def batch_mean(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], *,
                    check: Callable[[Any, Batch], None] | None = None) -> Any:
-        """Σ_b (n_b / N) fn(x_b, y_b): the exact dataset mean of a per-batch mean.
+        """Σ_b (w_b / W) fn(x_b, y_b): the exact dataset mean of a per-batch mean.
 
-        ``fn`` returns a tensor or a pytree of tensors (a batch *mean*). The result is
-        all-reduced over processes. ``check(value, batch)`` may inspect each batch's value.
+        w_b is the batch's :attr:`Batch.weight` (its examples, or the tokens that count for
+        token targets) and W = Σ_b w_b; a batch with no term (every token ignored) is
+        skipped. ``fn`` returns a tensor or a pytree of tensors (a batch *mean*). The
+        result is all-reduced over processes. ``check(value, batch)`` may inspect each
+        batch's value.
         """
         total, count = None, 0
         for batch in self.per_batch():
+            if batch.weight == 0:
+                continue
             value = fn(batch.inputs, batch.targets)
             if check is not None:
                 check(value, batch)
-            weighted = tree_map(lambda t, n=batch.size: t * n, value)
+            weighted = tree_map(lambda t, n=batch.weight: t * n, value)
             total = weighted if total is None else tree_map(torch.add, total, weighted)
-            count += batch.size
-        if total is None:  # this rank got no batch
-            probe = next(self.per_batch(shard=False))
+            count += batch.weight
+        if total is None:  # this rank got no batch (or none with a term)
+            probe = next(b for b in self.per_batch(shard=False) if b.weight > 0)
             total = tree_map(torch.zeros_like, fn(probe.inputs[:1], probe.targets[:1]))
         if distributed.is_distributed():
             total = distributed.all_reduce_tree(total)
@@ -277,7 +314,8 @@ class Objective:
     def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
             ) -> Params:
         """H v with H = ∇²L(θ), by forward-over-reverse differentiation
-        (``jvp`` of ``grad``), summed over batches with size weights.
+        (``jvp`` of ``grad``), summed over batches with their weights (attention on its
+        MATH backend, see :meth:`differentiable_attention`).
 
         ``v`` is a dict of tensors by parameter name (shaped like the parameters) or one
         flat vector of length P; anything else raises ShapeMismatchError before any work."""
@@ -289,7 +327,33 @@ class Objective:
             _, hv = jvp(lambda p: batch_grad(p, x, y), (params,), (tangent,))
             return {k: t.detach() for k, t in hv.items()}
 
-        return self.batch_mean(product)
+        with self.differentiable_attention():
+            return self.batch_mean(product)
+
+    # ----------------------------------------------------------------- attention
+    @property
+    def uses_attention(self) -> bool:
+        """Whether the model calls ``F.scaled_dot_product_attention`` (seen in the probe
+        forward pass of validation, or in one probe on two examples)."""
+        if self._attention is None:
+            def probe() -> Any:
+                batch = next(self.per_batch(shard=False))
+                return self.forward(self.params(), batch.inputs[:2])
+
+            self._attention = model_uses_attention(self.model, probe)
+        return bool(self._attention)
+
+    def differentiable_attention(self) -> contextlib.AbstractContextManager:
+        """A context for forward-mode and second-order work: for a model that calls
+        ``F.scaled_dot_product_attention``, its MATH backend (whose derivatives of every
+        order exist; the fused kernels have neither forward mode nor a double backward);
+        otherwise nothing changes. See :mod:`ridgeline.outputs`."""
+        return differentiable_attention(self.uses_attention)
+
+    @property
+    def attention_notes(self) -> tuple[str, ...]:
+        """The note results carry when :meth:`differentiable_attention` changed the backend."""
+        return (ATTENTION_NOTE,) if self.uses_attention else ()
 
     def _tangent(self, v: Mapping[str, torch.Tensor] | torch.Tensor,
                  params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -326,14 +390,17 @@ class Objective:
 
     def loss_and_accuracy(self, params: Mapping[str, torch.Tensor] | None = None
                           ) -> tuple[float, float | None]:
-        """(L(θ), accuracy) in one pass; accuracy is ``None`` for regression targets."""
+        """(L(θ), accuracy) in one pass; accuracy is ``None`` for regression targets.
+
+        Accuracy is per example, or per token that counts for token targets (the same
+        terms, and batch weights, as the loss)."""
         params = self._params_or_current(params)
         classification = self.is_classification
 
         def both(x, y):
             out = self.forward(params, x)
             loss = self.loss_fn(out, y)
-            acc = (out.argmax(dim=-1) == y).to(out.dtype).mean() if classification else loss * 0
+            acc = accuracy(out, y) if classification else loss * 0
             return {"loss": loss, "accuracy": acc}
 
         with torch.no_grad():
@@ -359,9 +426,13 @@ class Objective:
             probe_x, probe_y = next(iter(self._iterate_all()))
             probe_x, probe_y = probe_x[:2], probe_y[:2]
             targets = None
+        outputs: list[torch.Tensor] = []
         try:
-            with torch.no_grad():
-                out = self.forward(self.params(), self._prepare_inputs(probe_x))
+            self._attention = remember_attention(self.model, uses_attention(lambda: outputs.append(
+                self.forward(self.params(), self._prepare_inputs(probe_x)))))
+            out = outputs[0]
+        except ShapeMismatchError:
+            raise
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ShapeMismatchError(
                 f"the model cannot be applied to inputs of shape {tuple(probe_x.shape[1:])} per "
@@ -370,16 +441,27 @@ class Objective:
             if probe_y.is_floating_point():
                 raise DataError("cross_entropy needs integer class labels; got float targets. "
                                 "Use loss='mse' for regression targets.")
+            whole = targets if targets is not None else probe_y
+            error = target_shape_error((whole.shape[0], *out.shape[1:]), tuple(whole.shape))
+            if error is not None:
+                raise error
             classes = out.shape[-1]
             labels = targets if targets is not None else probe_y
-            low, high = int(labels.min()), int(labels.max())
+            labels = labels[labels != IGNORE_INDEX]
+            if labels.numel() == 0 and targets is not None:
+                raise DataError("every target is -100 (ignored), so the loss has no term; "
+                                "pass targets with at least one class index.")
+            low, high = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
             if low < 0 or high >= classes:
                 raise DataError(f"labels range over [{low}, {high}] but the model has {classes} "
-                                f"outputs; labels must lie in [0, {classes - 1}].")
+                                f"outputs; labels must lie in [0, {classes - 1}] (or be -100, "
+                                "ignored).")
         if self.train_mode and _has_batchnorm(self.model) and probe_x.shape[0] < 2:
             raise DataError("BatchNorm in train mode needs batches of at least 2 examples.")
         with torch.no_grad():
             value = self.loss_fn(out, self._targets_to_device(probe_y))
+        if self.loss_name == "cross_entropy" and loss_weight(self.loss_fn, probe_y) == 0:
+            return  # the probe's targets are all ignored: its mean is NaN by definition
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ShapeMismatchError(

@@ -22,7 +22,8 @@ from ridgeline.errors import (
     DataError,
     NonFiniteLossError,
 )
-from ridgeline.losses import LossFn, resolve_loss
+from ridgeline.losses import LossFn, accuracy, loss_weight, resolve_loss
+from ridgeline.outputs import as_logits
 from ridgeline.progress import progress_bar
 
 __all__ = ["train", "TrainResult", "TrainState", "StepRule", "BackpropStep",
@@ -64,7 +65,7 @@ class BackpropStep(StepRule):
 
     def step(self, inputs, targets, indices, epoch):
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(inputs)
+        outputs = as_logits(self.model(inputs))
         loss = self.loss_fn(outputs, targets)
         check_finite(loss, epoch)
         loss.backward()
@@ -299,7 +300,9 @@ def train(model: nn.Module, data: Any, *, optimizer: str | torch.optim.Optimizer
     num_examples = int(inputs.shape[0])
     steps_per_epoch = math.ceil(num_examples / batch_size)
     with torch.no_grad(), module_mode(model, False):  # eval mode: BN must not see this probe
-        num_outputs = int(model(inputs[:1].to(device, dtype)).shape[-1])
+        probe = inputs[:1].to(device)  # token ids stay integers
+        probe = probe.to(dtype) if probe.is_floating_point() else probe
+        num_outputs = int(as_logits(model(probe)).shape[-1])
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -348,10 +351,11 @@ def train(model: nn.Module, data: Any, *, optimizer: str | torch.optim.Optimizer
                         raise NonFiniteLossError(
                             f"the training loss became {value} at step {step} (epoch {epoch}); "
                             "lower the learning rate or check the data for NaN/inf.")
-                    loss_sum += value * len(idx)
-                    seen += len(idx)
+                    terms = loss_weight(loss_fn, y)  # examples, or tokens that count
+                    loss_sum += value * terms
+                    seen += terms
                     if loss_name != "mse" or not targets.is_floating_point():
-                        correct += float((outputs.argmax(-1) == y).sum())
+                        correct += float(accuracy(outputs, y)) * terms
                     state = TrainState(step, epoch, model, x, y, idx, value, rule.optimizer,
                                        rule.optimizer.param_groups[0]["lr"])
                     for cb in callbacks:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ridgeline.errors import ConfigError, DataError, UnsupportedOperationError
-from ridgeline.losses import LossFn
+from ridgeline.losses import LossFn, accuracy
 from ridgeline.objective import Objective, as_objective
 from ridgeline.params import check_same_structure, named_buffers, named_parameters
 from ridgeline.progress import progress_bar
@@ -379,7 +379,7 @@ class PathEngine:
         def both(x, y):
             out = objective.forward(params, x, buffers)
             loss = objective.loss_fn(out, y)
-            acc = (out.argmax(dim=-1) == y).to(out.dtype).mean() if want_acc else loss * 0
+            acc = accuracy(out, y) if want_acc else loss * 0
             return {"loss": loss, "accuracy": acc}
 
         if self.repair is not None and ends is not None and alpha is not None and 0 < alpha < 1:

@@ -651,13 +651,14 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from ridgeline.objective import module_mode
+    from ridgeline.outputs import as_logits
 
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     names = [*params, *buffers]
 
     def forward(p, b, x):
-        return functional_call(model, (p, b), (x,))
+        return as_logits(functional_call(model, (p, b), (x,)))
 
     try:
         with module_mode(model, False), torch.no_grad():

@@ -136,12 +136,40 @@ def _hessian_product(objective: Objective, fixed: Params) -> Product:
     return product
 
 
+class _RecordedGradient:
+    """∇L_b recorded once with ``create_graph``; each product H v is one reverse pass through
+    that graph (H is symmetric, so the vector-Jacobian product of ∇L is H v). Plain
+    ``torch.autograd`` (no functorch wrapping of every op in the reverse pass); a block
+    of vectors goes through ``is_grads_batched``."""
+
+    def __init__(self, objective: Objective, fixed: Params, params: Params, x, y) -> None:
+        self.names = list(params)
+        self.leaves = [params[n].detach().requires_grad_(True) for n in self.names]
+        with torch.enable_grad():
+            loss = objective.batch_loss({**fixed, **dict(zip(self.names, self.leaves))}, x, y)
+            grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
+        # gradients that depend on θ, with the names of the parameters they belong to
+        self.outputs = [(n, g) for n, g in zip(self.names, grads)
+                        if g is not None and g.requires_grad]
+
+    def _product(self, tangent: Params, batched: bool) -> Params:
+        outs: tuple = (None,) * len(self.leaves)
+        if self.outputs:
+            outs = torch.autograd.grad([g for _, g in self.outputs], self.leaves,
+                                       [tangent[n] for n, _ in self.outputs], retain_graph=True,
+                                       allow_unused=True, is_grads_batched=batched)
+        return {n: torch.zeros_like(tangent[n]) if o is None else o
+                for n, o in zip(self.names, outs)}
+
+    def __call__(self, tangent: Params) -> Params:
+        return self._product(tangent, batched=False)
+
+    def batched(self, tangent: Params) -> Params:
+        return self._product(tangent, batched=True)
+
+
 def _hessian_cached(objective: Objective, fixed: Params, params: Params, x, y):
-    """Record the gradient's graph once; each product is one reverse pass through it
-    (H is symmetric, so the vector-Jacobian product of ∇L is H v)."""
-    gradient = grad(lambda p: objective.batch_loss({**fixed, **p}, x, y))
-    _, pullback = vjp(gradient, params)
-    return lambda tangent: pullback(tangent)[0]
+    return _RecordedGradient(objective, fixed, params, x, y)
 
 
 def _ggn_product(objective: Objective, fixed: Params) -> Product:
@@ -239,7 +267,9 @@ class CurvatureOperator:
     mode : {"eval", "train"}
         How the model is evaluated (eval mode unless the Objective says otherwise).
     notes : tuple of str
-        Facts a result should carry (e.g. BatchNorm evaluated in eval mode).
+        Facts a result should carry (e.g. BatchNorm evaluated in eval mode; attention
+        products on the MATH backend of ``scaled_dot_product_attention``, see
+        :mod:`ridgeline.outputs`).
     matvecs : int
         Products computed so far (a block of b vectors counts b).
     """
@@ -249,7 +279,7 @@ class CurvatureOperator:
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}.")
         self.objective, self.kind = objective, kind
-        self.notes = _mode_notes(objective)
+        self.notes = _mode_notes(objective) + objective.attention_notes
         self.mode = "train" if objective.train_mode else "eval"
         every = objective.params()
         names = select_parameters(every, param_filter)
@@ -328,7 +358,9 @@ class CurvatureOperator:
 
         def fn(x, y):
             if cached is not None and x.shape[0] == cached[0]:
-                product = vmap(cached[1]) if batched else cached[1]
+                product = cached[1]
+                if batched:
+                    product = getattr(product, "batched", None) or vmap(product)
                 out = product(tangent)
             else:
                 out = (self._batched if batched else self._product)(x, y, self._params, tangent)
@@ -343,7 +375,8 @@ class CurvatureOperator:
         if v.dim() != 1:
             raise ShapeMismatchError(f"matvec takes a 1-D vector of length {self.shape[0]}, got "
                                      f"shape {tuple(v.shape)}; use matmat for several vectors.")
-        out = self.objective.batch_mean(self._batch_fn(self.unflatten(v), batched=False))
+        with self.objective.differentiable_attention():
+            out = self.objective.batch_mean(self._batch_fn(self.unflatten(v), batched=False))
         self.matvecs += 1
         return flatten({n: out[n] for n in self.param_names})
 
@@ -357,7 +390,8 @@ class CurvatureOperator:
         if b == 0:
             return matrix.clone()
         tangent = self.unflatten(matrix.T.contiguous())
-        out = self.objective.batch_mean(self._batch_fn(tangent, batched=True))
+        with self.objective.differentiable_attention():
+            out = self.objective.batch_mean(self._batch_fn(tangent, batched=True))
         self.matvecs += b
         return torch.cat([out[n].reshape(b, -1) for n in self.param_names], dim=1).T
 

@@ -60,6 +60,9 @@ class ForwardGradient:
         The parameter blocks, each estimated from its own directional derivatives.
     unbiased : tuple of bool
         Per guess: estimated as d·v (random) or as the projection d/‖u‖²·u (informed).
+    notes : tuple of str
+        E.g. that attention ran on the MATH backend of ``scaled_dot_product_attention``
+        (the fused kernels have no forward-mode rule).
     """
 
     estimate: Params
@@ -69,6 +72,7 @@ class ForwardGradient:
     combine: str = "mean"
     blocks: tuple[tuple[str, ...], ...] = ()
     unbiased: tuple[bool, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def num_guesses(self) -> int:
@@ -94,7 +98,7 @@ class ForwardGradient:
         return {"loss": self.loss, "combine": self.combine, "num_guesses": self.num_guesses,
                 "num_blocks": len(self.blocks), "num_jvps": self.num_jvps,
                 "directional_derivatives": self.directional_derivatives.detach().cpu().tolist(),
-                "unbiased": list(self.unbiased),
+                "unbiased": list(self.unbiased), "notes": list(self.notes),
                 "estimate_norm": float(self.flat().norm()), "layer_norms": self.layer_norms()}
 
     def plot(self, ax=None):
@@ -169,7 +173,8 @@ def directional_derivatives(objective: Objective, params: Mapping[str, torch.Ten
     One ``torch.func.jvp`` of the batch loss per tangent, batched with ``vmap`` (in chunks of
     ``chunk_size`` tangents; ``chunk_size=1`` runs them one by one without vmap), under
     ``torch.no_grad``: no backward pass and no graph. Batches are combined exactly by
-    ``Objective.batch_mean`` (all-reduced under torch.distributed).
+    ``Objective.batch_mean`` (all-reduced under torch.distributed). Attention runs on the
+    MATH backend of ``scaled_dot_product_attention`` (``Objective.differentiable_attention``).
     """
     params = dict(params)
     count = int(next(iter(tangents.values())).shape[0])
@@ -192,7 +197,8 @@ def directional_derivatives(objective: Objective, params: Mapping[str, torch.Ten
                 "for NaN/inf, and when training lower the learning rate (random-guess "
                 "estimates are about √P times longer than the gradient).")
 
-    with torch.no_grad(), forward_mode_errors(objective.model):
+    with torch.no_grad(), forward_mode_errors(objective.model), \
+            objective.differentiable_attention():
         out = objective.batch_mean(per_batch, check=check)
     return out["loss"], out["d"]
 
@@ -338,4 +344,5 @@ def forward_gradient(model_or_objective: Any, data: Any = None, *, guess: Any = 
     estimate = combine_estimate(batch.directions, batch.unbiased, blocks, derivs, combine)
     strategy.observe(estimate)
     return ForwardGradient(estimate, derivs, batch.directions, float(value), combine, blocks,
-                           tuple(bool(u) for u in batch.unbiased.tolist()))
+                           tuple(bool(u) for u in batch.unbiased.tolist()),
+                           objective.attention_notes)

@@ -24,6 +24,7 @@ from ridgeline.errors import ConfigError, DataError, UnsupportedOperationError
 from ridgeline.gradients.guesses import Guess, GuessBatch
 from ridgeline.losses import LossFn, resolve_loss
 from ridgeline.objective import Objective, module_mode
+from ridgeline.outputs import as_logits
 from ridgeline.params import Params
 
 __all__ = ["LocalGuess", "sequential_atoms", "count_macs", "SpatialMean"]
@@ -314,7 +315,7 @@ class LocalGuess(Guess):
                         break
 
                     def final(th, bufs, block=block, z_in=z_in):
-                        out = self._run(block, th, bufs, z_in)
+                        out = as_logits(self._run(block, th, bufs, z_in))
                         return loss_fn(out, targets), out
 
                     g, (value, z) = grad_and_value(final, has_aux=True)(theta, buffers)

@@ -19,6 +19,7 @@ from ridgeline.gradients.guesses import Guess
 from ridgeline.gradients.resolve import resolve_guess
 from ridgeline.losses import LossFn, resolve_loss
 from ridgeline.objective import Objective
+from ridgeline.outputs import as_logits
 from ridgeline.params import make_generator
 from ridgeline.train import (
     MethodContext,
@@ -110,7 +111,7 @@ class ForwardGradientSGD(StepRule):
         loss = torch.tensor(estimate.loss)
         check_finite(loss, epoch)
         with torch.no_grad():
-            outputs = self.model(inputs)
+            outputs = as_logits(self.model(inputs))
         for name, p in self.model.named_parameters():
             if name in estimate.estimate:
                 p.grad = estimate.estimate[name].to(p.dtype)

@@ -32,6 +32,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from ridgeline.errors import ConfigError, ShapeMismatchError, UnsupportedOperationError
 from ridgeline.models.layers import NTKLinear
+from ridgeline.outputs import AttentionRecorder, as_logits, differentiable_attention
 
 __all__ = ["Factor", "ModelFacts", "Features", "JacobianEngine", "VectorProductEngine",
            "check_model", "probe_model"]
@@ -77,6 +78,7 @@ class ModelFacts:
     itemsize: int
     batched: bool = False
     generic_sizes: tuple[int, ...] = ()
+    attention: bool = False
 
     @property
     def linear(self) -> tuple[Factor, ...]:
@@ -169,7 +171,8 @@ def _layer_kind(module: nn.Module) -> tuple[str, tuple] | None:
 
 # ----------------------------------------------------------------------------- probe
 def _per_example(model: nn.Module, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-    return functional_call(model, ({**params}, {**buffers}), (x.unsqueeze(0),)).reshape(-1)
+    return as_logits(functional_call(model, ({**params}, {**buffers}), (x.unsqueeze(0),))
+                     ).reshape(-1)
 
 
 def _factor(name: str, module: nn.Module, kind: str, spec: tuple, calls: list) -> Factor | None:
@@ -236,9 +239,12 @@ def probe_model(model: nn.Module, params: dict[str, torch.Tensor], example: torc
 
     grad_params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     try:
-        with FlopCounterMode(display=False) as counter, \
+        with FlopCounterMode(display=False) as counter, AttentionRecorder() as recorder, \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = functional_call(model, ({**grad_params}, buffers), (example.unsqueeze(0),))
+            out = as_logits(functional_call(model, ({**grad_params}, buffers),
+                                            (example.unsqueeze(0),)))
+    except ShapeMismatchError:
+        raise
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise ShapeMismatchError(
             f"the model cannot be applied to one example of shape {tuple(example.shape)}: {exc}. "
@@ -266,7 +272,8 @@ def probe_model(model: nn.Module, params: dict[str, torch.Tensor], example: torc
         num_params=sum(p.numel() for p in params.values()), generic=generic,
         generic_params=sum(params[n].numel() for n in generic), factors=tuple(factors),
         forward_flops=flops, activation_bytes=max(sum(saved.values()), num_outputs * itemsize),
-        itemsize=itemsize, batched=batched, generic_sizes=tuple(params[n].numel() for n in generic))
+        itemsize=itemsize, batched=batched, generic_sizes=tuple(params[n].numel() for n in generic),
+        attention=recorder.seen)
 
 
 # ----------------------------------------------------------------------------- features
@@ -401,7 +408,7 @@ class JacobianEngine:
 
     def _batch(self, eps, x):
         with self.injection.active(eps, batched=True) as acts:
-            out = functional_call(self.model, ({**self.constant}, self.buffers), (x,))
+            out = as_logits(functional_call(self.model, ({**self.constant}, self.buffers), (x,)))
         return out.reshape(x.shape[0], -1).sum(0), tuple(acts[f.module] for f in self.facts.factors)
 
     def features(self, x: torch.Tensor) -> Features:
@@ -476,7 +483,8 @@ class JacobianEngine:
 
 class VectorProductEngine:
     """NTK-vector products: Θ(X_A, x_b) e_q = J(X_A) (J(x_b)ᵀ e_q) by ``jvp`` of the batched
-    forward along each vjp. Cost per pair of examples: O forward-mode passes."""
+    forward along each vjp. Cost per pair of examples: O forward-mode passes (through the
+    MATH backend of ``scaled_dot_product_attention`` when the model calls it)."""
 
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], facts: ModelFacts
                  ) -> None:
@@ -497,10 +505,12 @@ class VectorProductEngine:
         nb = next(iter(vjps.values())).shape[0] // o
 
         def batched(p):
-            return functional_call(self.model, ({**p}, self.buffers), (x,)).reshape(na, o)
+            return as_logits(functional_call(self.model, ({**p}, self.buffers), (x,))
+                             ).reshape(na, o)
 
         def along(tangent):
             return jvp(batched, (self.params,), (tangent,))[1]
 
-        out = vmap(along, chunk_size=max(1, int(tangent_chunk)))(vjps)  # (nB·O, nA, O)
+        with differentiable_attention(self.facts.attention):  # forward mode through attention
+            out = vmap(along, chunk_size=max(1, int(tangent_chunk)))(vjps)  # (nB·O, nA, O)
         return out.view(nb, o, na, o).permute(2, 0, 3, 1)

@@ -96,6 +96,9 @@ class NTKPlan:
         Peak memory estimate (output included), the budget, and the output alone.
     estimated_flops : dict
         Multiply-add estimate of each feasible method (the cheaper one wins under "auto").
+    notes : tuple of str
+        E.g. that attention runs on the MATH backend of ``scaled_dot_product_attention``
+        (per-example vmap and forward mode need it).
     """
 
     method: str
@@ -114,10 +117,12 @@ class NTKPlan:
     num_outputs: int
     num_params: int
     factored_layers: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["factored_layers"] = list(self.factored_layers)
+        out["notes"] = list(self.notes)
         return out
 
 

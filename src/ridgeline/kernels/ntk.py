@@ -7,6 +7,8 @@ are chosen between by a cost model (METHODS.md §4).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from ridgeline.kernels._jacobians import (
     probe_model,
 )
 from ridgeline.kernels._plan import NTKPlan, default_budget, make_plan, parse_bytes
+from ridgeline.outputs import ATTENTION_NOTE, differentiable_attention
 from ridgeline.progress import progress_bar
 
 __all__ = ["empirical_ntk", "plan_ntk", "NTKPlan"]
@@ -79,6 +82,8 @@ def _prepare(model, x1, x2, trace, method, chunk_size, memory_budget):
     plan = make_plan(facts, n1, n2, symmetric=x2 is None, full=trace is None, method=method,
                      chunk_size=None if chunk_size is None else int(chunk_size),
                      memory_budget=budget)
+    if facts.attention:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, ATTENTION_NOTE))
     return params, facts, plan
 
 
@@ -105,7 +110,11 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     over every trainable parameter θ (linear, conv, norm layers alike), with f(x) ∈ R^O
     the model's output for one example (flattened). The model is evaluated in its current
     mode, which must not couple examples: BatchNorm in train mode is refused (call
-    ``model.eval()`` to use its running statistics).
+    ``model.eval()`` to use its running statistics). The output is reduced to its logits
+    by :func:`ridgeline.outputs.as_logits` (Hugging Face models as they come; a language
+    model's O is T·V). Both methods run ``scaled_dot_product_attention`` on its MATH
+    backend (per-example ``vmap`` and forward mode need it); :func:`plan_ntk`'s notes say
+    so.
 
     The kernel is computed over (N1, N2) tiles of ``chunk_size`` examples. Its peak memory
     is estimated before any work from one probe example; if no tile size keeps it under
@@ -166,7 +175,8 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     pairs = [(i, j) for i in rows for j in range(i if symmetric else 0, plan.n2, c)]
     if spread:  # under torch.distributed each rank computes every world_size-th tile
         pairs = distributed.shard_indices(pairs)
-    with torch.no_grad(), progress_bar(len(pairs), "empirical NTK", progress) as bar:
+    with torch.no_grad(), progress_bar(len(pairs), "empirical NTK", progress) as bar, \
+            differentiable_attention(facts.attention):
         if plan.method == "jacobian":
             _run_jacobian(JacobianEngine(model, params, facts), kernel, x1, x2, plan, pairs,
                           symmetric, full, bar)

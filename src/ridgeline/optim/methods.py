@@ -14,6 +14,7 @@ from ridgeline.errors import NonFiniteLossError
 from ridgeline.optim.mesa import EMATeacherLoss
 from ridgeline.optim.saf import TrajectoryLoss
 from ridgeline.optim.sam import SAM, frozen_norm_stats
+from ridgeline.outputs import as_logits
 from ridgeline.train import (
     MethodContext,
     StepRule,
@@ -41,13 +42,13 @@ class SAMStep(StepRule):
     def step(self, inputs, targets, indices, epoch):
         sam = self.sam
         sam.zero_grad(set_to_none=True)
-        outputs = self.model(inputs)
+        outputs = as_logits(self.model(inputs))
         loss = self.loss_fn(outputs, targets)
         check_finite(loss, epoch)
         loss.backward()
         sam.first_step(zero_grad=True)
         with frozen_norm_stats(self.model):  # restored after backward (BN saves them for it)
-            perturbed = self.loss_fn(self.model(inputs), targets)
+            perturbed = self.loss_fn(as_logits(self.model(inputs)), targets)
             finite = bool(torch.isfinite(perturbed))
             if finite:
                 perturbed.backward()
@@ -81,7 +82,7 @@ class _PenaltyStep(StepRule):
 
     def step(self, inputs, targets, indices, epoch):
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(inputs)
+        outputs = as_logits(self.model(inputs))
         loss = self.loss_fn(outputs, targets)
         check_finite(loss, epoch)
         penalty = self.penalty(inputs, outputs, indices, epoch)

@@ -151,6 +151,8 @@ def _without_parameters(model: nn.Module) -> nn.Module:
             f"failed: {exc}. Make the module deep-copyable.") from exc
     for module in base.modules():
         for name, param in list(module._parameters.items()):
+            if param is None:  # an absent parameter (bias=False) stays registered as None
+                continue
             del module._parameters[name]
             if param is not None and not param.requires_grad:
                 module.register_buffer(name, param.detach())
