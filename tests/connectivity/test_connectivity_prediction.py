@@ -1,6 +1,6 @@
 """Barrier prediction B̂ = ¼(gA−gB)·Δ + (ΔᵀHAΔ + ΔᵀHBΔ)/16, the mean of the two half-way
-Taylor expansions: exact on quadratic and cubic
-losses along the path; its terms against the explicit gradient and Hessian."""
+Taylor expansions: exact on quadratic and cubic losses along the path; its terms against the
+explicit gradient and Hessian."""
 
 from __future__ import annotations
 
