@@ -22,7 +22,12 @@ import worker  # noqa: E402
 
 def launch(tmp_path: Path, dtype: str) -> dict:
     out = tmp_path / f"{dtype}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    # the workers import the ridgeline under test (not whatever is installed) and worker.py
+    import ridgeline
+
+    source = Path(ridgeline.__file__).resolve().parents[1]
+    path = os.pathsep.join([str(WORKER.parent), str(source), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(WORKER), str(out), dtype]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

@@ -73,9 +73,46 @@ def _register_instrument_checks() -> None:
         return kernels.empirical_ntk(objective.model, inputs[:7], chunk_size=3).flatten().tolist()
 
     EXTRA_CHECKS["ntk_block"] = ntk_block
+    EXTRA_CHECKS["bn_train_one_batch"] = bn_train_one_batch
+    EXTRA_CHECKS["forward_gradient_step_bn"] = forward_gradient_step_bn
     if curvature is not None and hasattr(curvature, "trace"):
         EXTRA_CHECKS["trace"] = lambda o: [float(curvature.trace(
             o, method="hutchinson", max_matvecs=20, rtol=1e-12, seed=0).value)]
+
+
+def _bn_model(dtype: torch.dtype):
+    from ridgeline.models import mlp
+
+    torch.manual_seed(2)
+    return mlp(4, [6], 3, activation="tanh", norm="batch").to(dtype)
+
+
+def bn_train_one_batch(objective: Objective) -> list:
+    """A BatchNorm model in train mode on ONE batch (fewer batches than ranks): the rank
+    without a batch must still take part in every all-reduce."""
+    from ridgeline.gradients import forward_gradient
+
+    _, data = problem(objective.dtype)
+    bn = Objective(_bn_model(objective.dtype), data, train_mode=True)  # one batch of 37
+    loss, grad = bn.loss_and_grad()
+    direction = random_direction(bn.params(), normalization=None, ignore=None, seed=4)
+    estimate = forward_gradient(bn, num_guesses=3, seed=5)
+    return ([float(loss)] + flatten(grad).tolist() + flatten(bn.hvp(direction)).tolist()
+            + list(bn.loss_and_accuracy()) + [estimate.loss]
+            + flatten(estimate.estimate).tolist())
+
+
+def forward_gradient_step_bn(objective: Objective) -> list:
+    """One ForwardGradientSGD step of a BatchNorm model in train mode (its Objective holds
+    one batch, so under torchrun every rank but one has none)."""
+    from ridgeline.gradients import ForwardGradientSGD
+
+    _, data = problem(objective.dtype)
+    model = _bn_model(objective.dtype).train()
+    rule = ForwardGradientSGD(model, lr=0.1, momentum=0.0, seed=6)
+    inputs, targets = data.as_tuple()
+    loss, _ = rule.step(inputs[:16], targets[:16])
+    return [float(loss)] + [float(v) for p in model.parameters() for v in p.detach().reshape(-1)]
 
 
 def mismatched(path: str) -> None:
