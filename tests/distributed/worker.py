@@ -7,8 +7,10 @@ in one process and compares.
 
 from __future__ import annotations
 
+import atexit
 import json
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -132,23 +134,53 @@ def mismatched(path: str) -> None:
             json.dump({"error": message}, handle)
 
 
-def main(path: str, dtype_name: str) -> None:
-    dist.init_process_group("gloo")
-    if dtype_name == "mismatch":
-        mismatched(path)
-        dist.destroy_process_group()
-        return
-    _register_instrument_checks()
-    dtype = getattr(torch, dtype_name)
-    model, data = problem(dtype)
-    objective = Objective(model, data, batch_size=8)
-    values = quantities(objective)
-    values["world_size"] = [distributed.world_size()]
+def exit_without_teardown(path: str) -> None:
+    """The life cycle of ``ridgeline study`` under torchrun: the group comes from
+    init_from_environment, the ranks all-reduce, and they return with no explicit
+    teardown, rank 0 last (it lingers, as it does writing a report). Each rank records at
+    exit, after ridgeline's exit hook has run, whether its group was still alive."""
+    work = torch.ones(1000)
+    for _ in range(20):
+        work = distributed.all_reduce_sum(work) / distributed.world_size()
+    _AT_EXIT.update(rank=distributed.rank(), world_size=distributed.world_size(),
+                    value=float(work[0]))
     if distributed.is_main_process():
-        with open(path, "w") as handle:
-            json.dump(values, handle)
-    dist.barrier()
-    dist.destroy_process_group()
+        time.sleep(1.0)
+
+
+_AT_EXIT: dict = {}
+
+
+def _record_at_exit(path: str) -> None:
+    """Registered before init_from_environment, so atexit runs it after ridgeline's hook."""
+    _AT_EXIT["group_alive_at_exit"] = dist.is_initialized()
+    with open(f"{path}.rank{_AT_EXIT.get('rank', 'unknown')}", "w") as handle:
+        json.dump(_AT_EXIT, handle)
+
+
+def main(path: str, mode: str) -> None:
+    if mode == "exit":
+        atexit.register(_record_at_exit, path)
+    distributed.init_from_environment("gloo")  # also registers the teardown at exit
+    assert dist.is_initialized()
+    if mode == "exit":
+        exit_without_teardown(path)
+        return
+    try:
+        if mode == "mismatch":
+            mismatched(path)
+            return
+        _register_instrument_checks()
+        dtype = getattr(torch, mode)
+        model, data = problem(dtype)
+        objective = Objective(model, data, batch_size=8)
+        values = quantities(objective)
+        values["world_size"] = [distributed.world_size()]
+        if distributed.is_main_process():
+            with open(path, "w") as handle:
+                json.dump(values, handle)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
