@@ -112,17 +112,20 @@ def shutdown() -> None:
     """Destroy the default process group now; a no-op when there is none (or it is gone).
 
     Every process that initialised a group must do this before the interpreter shuts
-    down. A gloo process group that is still alive when Python finalises takes its C++
-    worker threads and pending work objects into the interpreter's teardown, and the
-    process dies with SIGABRT, "terminate called without an active exception" — at random,
-    more often on a loaded machine, and mostly in the rank that finishes first (a rank that
-    is not rank 0 has nothing to write and exits while rank 0 still works). Destroying the
-    group while Python is fully alive joins those threads first. No barrier is needed for
-    that (every collective this rank issued has returned), and none is taken: at an exit
-    caused by an exception the other ranks may never arrive, and a barrier would hold this
-    process for the group's whole timeout. :func:`init_from_environment` registers this
-    function with :mod:`atexit`, so it runs on every normal exit, ``sys.exit`` and
-    uncaught exceptions included.
+    down. The race it closes (seen as SIGABRT, "terminate called without an active
+    exception", in a rank of a 2-process test): gloo's worker thread (``pt_gloo_runloop``)
+    drops the last collective's work object some time after the main thread's ``wait()``
+    has returned; the work holds tensors owned by Python objects, so dropping it takes the
+    GIL. If the main thread has meanwhile reached ``Py_FinalizeEx``, CPython ends any thread
+    that asks for the GIL with ``pthread_exit``, whose forced unwinding runs through the
+    work's C++ destructor, which may not throw: ``std::terminate``. It is random, likelier
+    on a loaded machine and in ranks that finish before rank 0 (they have nothing to
+    write). Destroying the group while Python is whole joins those threads first. No
+    barrier is needed for that (every collective this rank issued has returned), and none
+    is taken: at an exit caused by an exception the other ranks may never arrive, and a
+    barrier would hold this process for the group's whole timeout.
+    :func:`init_from_environment` registers this function with :mod:`atexit`, so it runs
+    on every normal exit, ``sys.exit`` and uncaught exceptions included.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
