@@ -153,7 +153,8 @@ def _gap(a: nn.Module, b: nn.Module) -> float:
 
 
 def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1) -> tuple[dict, list]:
-    """Median seconds per step of each rule over epochs ≥ 5. The methods take turns epoch by
+    """Median seconds per step of each rule over the epochs where every penalty is on (SAF's
+    ``first_active_epoch``, 7 by default, and MESA's ``start_epoch``). The methods take turns epoch by
     epoch (same batches, rotating order), so slow drifts of the machine's load hit all of
     them alike while each model stays warm in cache during its own epoch, as in real
     training. Also ridgeline SAM's distance to the plain-torch SAM after some steps."""
@@ -172,6 +173,10 @@ def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1) 
                             num_outputs=10, steps_per_epoch=math.ceil(n / batch), seed=seed)
         rules[method] = TRAINING_METHODS[method](ctx)
     rules["plain SAM"] = PlainSAM(copy.deepcopy(base).train(), 0.05, 0.05, 0.9)
+    active_from = max(rules["saf"].trajectory.first_active_epoch, rules["mesa"].teacher.start_epoch)
+    if active_from > epochs:
+        raise SystemExit(f"--timing-epochs {epochs} ends before every penalty is on (epoch "
+                         f"{active_from}); give more epochs.")
     times: dict[str, dict[int, list[float]]] = {k: {} for k in rules}
     gaps: dict[int, list] = {}
     order_gen = torch.Generator().manual_seed(seed)
@@ -187,7 +192,7 @@ def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1) 
                 x, y = inputs[idx], targets[idx]
                 began = clock()
                 rule.step(x, y, idx, epoch)
-                if epoch >= 5:
+                if epoch >= active_from:
                     times[method].setdefault(epoch, []).append(clock() - began)
                 if epoch == 1 and method in ("sam", "plain SAM") and step in (1, 10):
                     gaps.setdefault(step, []).append([p.detach().clone() for p in rule.model.parameters()])

@@ -17,7 +17,7 @@ from ridgeline.errors import DistributedError
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "all_reduce_sum",
            "all_reduce_tree", "barrier", "check_consistent", "shard_indices",
-           "init_from_environment"]
+           "init_from_environment", "shutdown"]
 
 
 def is_distributed() -> bool:
@@ -108,12 +108,37 @@ def shard_indices(items: Iterable[int] | int) -> list[int]:
     return items[rank()::world_size()]
 
 
+def shutdown() -> None:
+    """Destroy the default process group now; a no-op when there is none (or it is gone).
+
+    Every process that initialised a group must do this before the interpreter shuts
+    down. The race it closes (seen as SIGABRT, "terminate called without an active
+    exception", in a rank of a 2-process test): gloo's worker thread (``pt_gloo_runloop``)
+    drops the last collective's work object some time after the main thread's ``wait()``
+    has returned; the work holds tensors owned by Python objects, so dropping it takes the
+    GIL. If the main thread has meanwhile reached ``Py_FinalizeEx``, CPython ends any thread
+    that asks for the GIL with ``pthread_exit``, whose forced unwinding runs through the
+    work's C++ destructor, which may not throw: ``std::terminate``. It is random, likelier
+    on a loaded machine and in ranks that finish before rank 0 (they have nothing to
+    write). Destroying the group while Python is whole joins those threads first. No
+    barrier is needed for that (every collective this rank issued has returned), and none
+    is taken: at an exit caused by an exception the other ranks may never arrive, and a
+    barrier would hold this process for the group's whole timeout.
+    :func:`init_from_environment` registers this function with :mod:`atexit`, so it runs
+    on every normal exit, ``sys.exit`` and uncaught exceptions included.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_from_environment(backend: str | None = None) -> bool:
     """Initialise the default process group if launched by ``torchrun`` (``WORLD_SIZE`` > 1).
 
     Returns True when a group was initialised here. Chooses NCCL when CUDA is available,
-    gloo otherwise, unless ``backend`` is given.
+    gloo otherwise, unless ``backend`` is given. The group is destroyed by :func:`shutdown`
+    when the process exits (registered with :mod:`atexit`; calling it earlier is fine).
     """
+    import atexit
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -122,4 +147,7 @@ def init_from_environment(backend: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    # atexit runs handlers last-registered first, so this one runs before torch's own and
+    # while the interpreter is whole (see shutdown for the abort it prevents)
+    atexit.register(shutdown)
     return True

@@ -263,8 +263,12 @@ class Objective:
             total = weighted if total is None else tree_map(torch.add, total, weighted)
             count += batch.weight
         if total is None:  # this rank got no batch (or none with a term)
+            # it still joins the all-reduce, with zeros shaped like fn's value. Evaluate fn on
+            # a whole batch, never a slice of it: BatchNorm in train mode refuses a batch of
+            # one, and fn must see the batch it was written for (the other ranks are busy with
+            # theirs, so this costs no wall-clock time)
             probe = next(b for b in self.per_batch(shard=False) if b.weight > 0)
-            total = tree_map(torch.zeros_like, fn(probe.inputs[:1], probe.targets[:1]))
+            total = tree_map(torch.zeros_like, fn(probe.inputs, probe.targets))
         if distributed.is_distributed():
             total = distributed.all_reduce_tree(total)
             count = int(distributed.all_reduce_sum(torch.tensor(float(count))).item())

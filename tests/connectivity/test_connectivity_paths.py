@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from ridgeline import Objective
 from ridgeline.connectivity import barrier, interpolate, reset_bn
 from ridgeline.connectivity.paths import PathEngine
-from ridgeline.errors import ArchitectureMismatchError, ShapeMismatchError
+from ridgeline.errors import ArchitectureMismatchError, ConfigError, ShapeMismatchError
 from ridgeline.models import mlp
 
 
@@ -160,6 +160,32 @@ def test_path_with_bn_reset_matches_hand_reset_models(data):
 def test_bn_models_without_reset_warn(data):
     with pytest.warns(UserWarning, match="reset_bn"):
         interpolate(_bn_model(0), _bn_model(1), data, points=3)
+
+
+def test_repair_on_a_bn_model_needs_reset_bn_and_never_resets_on_the_evaluation_data(data):
+    """REPAIR on a BatchNorm network is a BatchNorm reset; it must not quietly take its
+    statistics from the data being evaluated (the test split)."""
+    a, b = _bn_model(0), _bn_model(1)
+    x, y = data
+    train = (x[:20], y[:20])
+    evaluation = (x[20:], y[20:])
+    with pytest.raises(ConfigError, match="reset_bn=training_data"):
+        interpolate(a, b, evaluation, points=3, repair=True)
+    # with reset_bn= the statistics come from the training data: the midpoint equals a
+    # hand-built midpoint model reset on the training split, and differs from one reset on
+    # the evaluation split
+    result = interpolate(a, b, evaluation, points=3, repair=True, reset_bn=train)
+    assert result.normalization == "bn-reset"
+    mixed = copy.deepcopy(a)
+    mixed.load_state_dict({k: 0.5 * (v + b.state_dict()[k]) if v.is_floating_point() else v
+                           for k, v in a.state_dict().items()})
+    with torch.no_grad():
+        on_train = float(F.cross_entropy(reset_bn(mixed, train)(evaluation[0]), evaluation[1]))
+        on_eval = float(F.cross_entropy(reset_bn(mixed, evaluation)(evaluation[0]), evaluation[1]))
+    assert result.losses[1] == pytest.approx(on_train, abs=1e-12)
+    assert abs(on_train - on_eval) > 1e-6
+    deliberate = interpolate(a, b, evaluation, points=3, repair=True, reset_bn=True)
+    assert deliberate.losses[1] == pytest.approx(on_eval, abs=1e-12)
 
 
 def test_repair_sets_each_hidden_layer_to_the_interpolated_endpoint_statistics(pair, data):

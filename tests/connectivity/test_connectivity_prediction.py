@@ -1,5 +1,6 @@
-"""Barrier prediction B̂ = ¼(gA−gB)·Δ + (ΔᵀHAΔ + ΔᵀHBΔ)/16: exact on quadratic and cubic
-losses along the path; its terms against the explicit gradient and Hessian."""
+"""Barrier prediction B̂ = ¼(gA−gB)·Δ + (ΔᵀHAΔ + ΔᵀHBΔ)/16, the mean of the two half-way
+Taylor expansions: exact on quadratic and cubic losses along the path; its terms against the
+explicit gradient and Hessian."""
 
 from __future__ import annotations
 
@@ -83,6 +84,49 @@ def test_prediction_is_exact_when_the_loss_is_cubic_along_the_path():
     truth, *_ = _hand_midpoint(a, b, x, y, cubic)
     assert result.predicted == pytest.approx(truth, abs=1e-12)
     assert result.measured_midpoint == pytest.approx(truth, abs=1e-12)
+
+
+def _half_way_taylor(f, theta_a, theta_b):
+    """The two second-order Taylor expansions of f, from θA and from θB, at the midpoint,
+    from the explicit gradient and Hessian; and the gradients at both ends."""
+    delta = theta_b - theta_a
+    g_a = torch.autograd.functional.jacobian(f, theta_a)
+    g_b = torch.autograd.functional.jacobian(f, theta_b)
+    h_a = torch.autograd.functional.hessian(f, theta_a)
+    h_b = torch.autograd.functional.hessian(f, theta_b)
+    from_a = float(f(theta_a) + 0.5 * g_a @ delta + delta @ h_a @ delta / 8)
+    from_b = float(f(theta_b) - 0.5 * g_b @ delta + delta @ h_b @ delta / 8)
+    return from_a, from_b, g_a, g_b
+
+
+def test_prediction_is_the_mean_of_the_two_half_way_taylor_expansions_not_the_hermite_midpoint():
+    a, b, x, y = _tanh_pair()  # cross-entropy on a tanh net: no polynomial along the path
+    result = predict_barrier(a, b, (x, y), points=5)
+    truth, f, theta_a, theta_b = _hand_midpoint(a, b, x, y, F.cross_entropy)
+    from_a, from_b, g_a, g_b = _half_way_taylor(f, theta_a, theta_b)
+    ends = 0.5 * float(f(theta_a) + f(theta_b))
+    assert result.predicted == pytest.approx(0.5 * (from_a + from_b) - ends, abs=1e-10)
+    hermite = float((g_a - g_b) @ (theta_b - theta_a) / 8)  # cubic Hermite midpoint barrier
+    assert abs(result.predicted - hermite) > 1e-3
+    assert "mean of the second-order Taylor expansions" in result.predictor
+    assert "Hermite" not in result.predictor.split(";")[0]
+    assert result.to_dict()["predictor"] == result.predictor
+
+
+def test_mean_of_the_half_way_expansions_is_exact_on_a_cubic_in_alpha_loss():
+    a, b, x, y = _linear_pair()  # a linear model: the loss below is a cubic in α
+
+    def cubic(out, target):
+        return (out ** 3).mean() + 0.5 * ((out - target) ** 2).mean()
+
+    result = predict_barrier(a, b, (x, y), loss=cubic, points=5)
+    truth, f, theta_a, theta_b = _hand_midpoint(a, b, x, y, cubic)
+    from_a, from_b, _, _ = _half_way_taylor(f, theta_a, theta_b)
+    midpoint = float(f(0.5 * (theta_a + theta_b)))
+    # each expansion alone misses by its third-order term ±f‴/48; the mean is exact
+    assert abs(from_a - midpoint) > 1e-3 and abs(from_b - midpoint) > 1e-3
+    assert from_a - midpoint == pytest.approx(-(from_b - midpoint), abs=1e-10)
+    assert result.predicted == pytest.approx(truth, abs=1e-12)
 
 
 def _tanh_pair():

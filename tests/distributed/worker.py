@@ -7,8 +7,10 @@ in one process and compares.
 
 from __future__ import annotations
 
+import atexit
 import json
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -73,9 +75,46 @@ def _register_instrument_checks() -> None:
         return kernels.empirical_ntk(objective.model, inputs[:7], chunk_size=3).flatten().tolist()
 
     EXTRA_CHECKS["ntk_block"] = ntk_block
+    EXTRA_CHECKS["bn_train_one_batch"] = bn_train_one_batch
+    EXTRA_CHECKS["forward_gradient_step_bn"] = forward_gradient_step_bn
     if curvature is not None and hasattr(curvature, "trace"):
         EXTRA_CHECKS["trace"] = lambda o: [float(curvature.trace(
             o, method="hutchinson", max_matvecs=20, rtol=1e-12, seed=0).value)]
+
+
+def _bn_model(dtype: torch.dtype):
+    from ridgeline.models import mlp
+
+    torch.manual_seed(2)
+    return mlp(4, [6], 3, activation="tanh", norm="batch").to(dtype)
+
+
+def bn_train_one_batch(objective: Objective) -> list:
+    """A BatchNorm model in train mode on ONE batch (fewer batches than ranks): the rank
+    without a batch must still take part in every all-reduce."""
+    from ridgeline.gradients import forward_gradient
+
+    _, data = problem(objective.dtype)
+    bn = Objective(_bn_model(objective.dtype), data, train_mode=True)  # one batch of 37
+    loss, grad = bn.loss_and_grad()
+    direction = random_direction(bn.params(), normalization=None, ignore=None, seed=4)
+    estimate = forward_gradient(bn, num_guesses=3, seed=5)
+    return ([float(loss)] + flatten(grad).tolist() + flatten(bn.hvp(direction)).tolist()
+            + list(bn.loss_and_accuracy()) + [estimate.loss]
+            + flatten(estimate.estimate).tolist())
+
+
+def forward_gradient_step_bn(objective: Objective) -> list:
+    """One ForwardGradientSGD step of a BatchNorm model in train mode (its Objective holds
+    one batch, so under torchrun every rank but one has none)."""
+    from ridgeline.gradients import ForwardGradientSGD
+
+    _, data = problem(objective.dtype)
+    model = _bn_model(objective.dtype).train()
+    rule = ForwardGradientSGD(model, lr=0.1, momentum=0.0, seed=6)
+    inputs, targets = data.as_tuple()
+    loss, _ = rule.step(inputs[:16], targets[:16])
+    return [float(loss)] + [float(v) for p in model.parameters() for v in p.detach().reshape(-1)]
 
 
 def mismatched(path: str) -> None:
@@ -95,23 +134,53 @@ def mismatched(path: str) -> None:
             json.dump({"error": message}, handle)
 
 
-def main(path: str, dtype_name: str) -> None:
-    dist.init_process_group("gloo")
-    if dtype_name == "mismatch":
-        mismatched(path)
-        dist.destroy_process_group()
-        return
-    _register_instrument_checks()
-    dtype = getattr(torch, dtype_name)
-    model, data = problem(dtype)
-    objective = Objective(model, data, batch_size=8)
-    values = quantities(objective)
-    values["world_size"] = [distributed.world_size()]
+def exit_without_teardown(path: str) -> None:
+    """The life cycle of ``ridgeline study`` under torchrun: the group comes from
+    init_from_environment, the ranks all-reduce, and they return with no explicit
+    teardown, rank 0 last (it lingers, as it does writing a report). Each rank records at
+    exit, after ridgeline's exit hook has run, whether its group was still alive."""
+    work = torch.ones(1000)
+    for _ in range(20):
+        work = distributed.all_reduce_sum(work) / distributed.world_size()
+    _AT_EXIT.update(rank=distributed.rank(), world_size=distributed.world_size(),
+                    value=float(work[0]))
     if distributed.is_main_process():
-        with open(path, "w") as handle:
-            json.dump(values, handle)
-    dist.barrier()
-    dist.destroy_process_group()
+        time.sleep(1.0)
+
+
+_AT_EXIT: dict = {}
+
+
+def _record_at_exit(path: str) -> None:
+    """Registered before init_from_environment, so atexit runs it after ridgeline's hook."""
+    _AT_EXIT["group_alive_at_exit"] = dist.is_initialized()
+    with open(f"{path}.rank{_AT_EXIT.get('rank', 'unknown')}", "w") as handle:
+        json.dump(_AT_EXIT, handle)
+
+
+def main(path: str, mode: str) -> None:
+    if mode == "exit":
+        atexit.register(_record_at_exit, path)
+    distributed.init_from_environment("gloo")  # also registers the teardown at exit
+    assert dist.is_initialized()
+    if mode == "exit":
+        exit_without_teardown(path)
+        return
+    try:
+        if mode == "mismatch":
+            mismatched(path)
+            return
+        _register_instrument_checks()
+        dtype = getattr(torch, mode)
+        model, data = problem(dtype)
+        objective = Objective(model, data, batch_size=8)
+        values = quantities(objective)
+        values["world_size"] = [distributed.world_size()]
+        if distributed.is_main_process():
+            with open(path, "w") as handle:
+                json.dump(values, handle)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

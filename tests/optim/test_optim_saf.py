@@ -55,18 +55,55 @@ def test_returns_the_logits_of_lag_epochs_earlier_for_shuffled_batches():
     torch.testing.assert_close(saf.stored_logits(torch.arange(N), 5), table[5].float(), rtol=0, atol=0)
 
 
-def test_zero_before_start_epoch():
-    table = _table(7, seed=1)
-    saf = TrajectoryLoss(N, OUT, lag=2, start_epoch=6, dtype=torch.float32)
-    for epoch in range(1, 8):
-        values = [float(saf(table[epoch, idx].float(), idx, epoch)) for idx in _batches(epoch)]
-        assert all(v == 0.0 for v in values) == (epoch < 6)
+def _authors_kl_is_on(epoch0: int, kl_start_epoch: int) -> bool:
+    """The rule of the authors' SAF_train.py, epochs counted from 0 by range(start, num)."""
+    return epoch0 > kl_start_epoch
+
+
+@pytest.mark.parametrize("first_epoch", [1, 0])
+def test_kl_starts_in_the_same_epoch_of_training_as_the_authors_code(first_epoch):
+    """Same setting, same epochs: the term is on exactly where the authors' ``epoch >
+    kl_start_epoch`` (0-based) is, whether the caller counts epochs from 1 or from 0."""
+    table = _table(10, seed=1)
+    saf = TrajectoryLoss(N, OUT, lag=2, start_epoch=5, dtype=torch.float32,
+                         first_epoch=first_epoch)
+    on = []
+    for k in range(10):  # the k-th epoch of training, k = 0, 1, ...
+        epoch = first_epoch + k
+        values = [float(saf(table[k + 1, idx].float(), idx, epoch)) for idx in _batches(k)]
+        assert all(v > 0 for v in values) or all(v == 0 for v in values)
+        on.append(values[0] > 0)
+    assert on == [_authors_kl_is_on(k, 5) for k in range(10)]  # from the 7th epoch
+    assert saf.first_active_epoch == first_epoch + 6
+    assert saf.describe()["first_active_epoch"] == first_epoch + 6
+
+
+def test_kl_is_computed_in_float64_for_a_float64_model():
+    """A float64 model's term and gradient against a float64 hand computation."""
+    table = _table(2, seed=7)
+    tau, weight = 0.7, 0.9
+    for storage in (torch.float64, torch.float32):
+        saf = TrajectoryLoss(N, OUT, lag=1, temperature=tau, weight=weight, start_epoch=0,
+                             dtype=storage)
+        idx = torch.arange(N)
+        saf(table[1], idx, 1)
+        teacher = table[1].to(storage).double().numpy()  # what the buffer holds, exactly
+        f = table[2].clone().requires_grad_(True)
+        value = saf(f, idx, 2)
+        assert value.dtype == torch.float64
+        expected = _direct_kl(teacher, table[2].numpy(), tau, weight)
+        assert float(value.detach()) == pytest.approx(expected, rel=1e-13, abs=0)
+        value.backward()
+        p = softmax(teacher / tau, axis=1)
+        q = softmax(table[2].numpy() / tau, axis=1)
+        np.testing.assert_allclose(f.grad.numpy(), weight * tau * (q - p) / N, rtol=1e-12,
+                                   atol=1e-17)
 
 
 def test_gradient_equals_closed_form():
     """∂/∂f of λτ² mean KL(p ‖ softmax(f/τ)) = λτ (softmax(f/τ) − p) / B."""
     table = _table(4, seed=2)
-    saf = TrajectoryLoss(N, OUT, lag=1, temperature=3.0, weight=0.7, start_epoch=1,
+    saf = TrajectoryLoss(N, OUT, lag=1, temperature=3.0, weight=0.7, start_epoch=0,
                          dtype=torch.float32)
     idx = torch.arange(N)
     saf(table[1].float(), idx, 1)
@@ -92,7 +129,7 @@ def test_float16_storage_returns_rounded_logits_and_reports_memory():
 def test_examples_missing_from_the_past_epoch_contribute_zero():
     """A drop_last-style loader: the last 3 examples of the permutation are skipped."""
     table = _table(3, seed=4)
-    saf = TrajectoryLoss(N, OUT, lag=1, temperature=1.5, weight=1.0, start_epoch=1,
+    saf = TrajectoryLoss(N, OUT, lag=1, temperature=1.5, weight=1.0, start_epoch=0,
                          dtype=torch.float32)
     seen = torch.randperm(N, generator=torch.Generator().manual_seed(5))[:N - 3]
     saf(table[1, seen].float(), seen, 1)

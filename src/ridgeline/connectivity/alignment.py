@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,13 @@ class AlignmentResult:
     method : str
     spec : PermutationSpec
     seconds : float
+    initial_objective : float or None
+        Weight matching: Σ_k ⟨θ_A,k, θ_B,k⟩ before any permutation.
+    notes : tuple[str, ...]
+        The spec's notes, and what the matching could not do (e.g. unmatched permutations).
+    unmatched : tuple[str, ...]
+        Activation matching: permutations for which the forward pass showed no activation
+        to correlate; they are left as the identity (and said so in ``notes``).
     """
 
     model: nn.Module
@@ -69,6 +77,7 @@ class AlignmentResult:
     seconds: float = 0.0
     initial_objective: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    unmatched: tuple[str, ...] = ()
 
     @property
     def changed_units(self) -> int:
@@ -82,7 +91,7 @@ class AlignmentResult:
                 "changed_units": self.changed_units,
                 "permutation_sizes": {k: int(v.numel()) for k, v in self.permutations.items()},
                 "permutations": {k: v.tolist() for k, v in self.permutations.items()},
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "unmatched": list(self.unmatched)}
 
     def plot(self, ax=None):
         """The matching objective after each pass."""
@@ -319,12 +328,32 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec:
     networks' unit activations over the data (all positions of every value the
     permutation acts on; outputs of nonlinearities where there are any).
 
-    Returns (permutations, total correlation of the matched units).
+    Returns (permutations, total correlation of the matched units). A permutation whose
+    units appear in no value of the forward pass (e.g. it acts only on tensors the forward
+    pass never uses) cannot be matched: it is returned as the identity with a
+    RuntimeWarning naming it (:func:`align` records it in ``unmatched`` and ``notes``).
 
     References
     ----------
     Ainsworth, Hayase & Srinivasa (2023), "Git Re-Basin", §3.1.
     """
+    perms, total, unmatched = _match_activations(model_a, model_b, data, spec,
+                                                 max_examples=max_examples, first=first)
+    if unmatched:
+        warnings.warn(unmatched_note(unmatched), RuntimeWarning, stacklevel=2)
+    return perms, total
+
+
+def unmatched_note(unmatched: list[str] | tuple[str, ...]) -> str:
+    return (f"activation matching saw no activations for permutation(s) {list(unmatched)} "
+            "(no value of the forward pass carries their units), so they are left as the "
+            "identity; use method='weights' to match them by their weights.")
+
+
+def _match_activations(model_a: nn.Module, model_b: nn.Module, data: Any, spec: PermutationSpec,
+                       *, max_examples: int = 4096, first: Traced | None = None
+                       ) -> tuple[dict[str, torch.Tensor], float, list[str]]:
+    """:func:`activation_matching`, also returning the permutations it could not match."""
     from ridgeline.objective import module_mode
 
     state_a, state_b = model_state(model_a), model_state(model_b)
@@ -365,16 +394,18 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data: Any, spec:
                 zb = values["b"][node].movedim(axis, -1).reshape(-1, n)
                 acc.add(za, zb)
     perms: dict[str, torch.Tensor] = {}
+    unmatched: list[str] = []
     total = 0.0
     for perm, n in spec.perms.items():
         if perm not in moments:
             perms[perm] = torch.arange(n)
+            unmatched.append(perm)
             continue
         corr = moments[perm].correlation()
         rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
         perms[perm] = torch.as_tensor(cols, dtype=torch.long)
         total += float(corr.numpy()[rows, cols].sum())
-    return perms, total
+    return perms, total, unmatched
 
 
 def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", data: Any = None,
@@ -451,9 +482,13 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
                                                          max_iter=max_iter, tol=tol, seed=seed)
         iterations = len(trace_values)
     else:
-        perms, total = activation_matching(model_a, model_b, data, spec, first=first)
+        perms, total, unmatched = _match_activations(model_a, model_b, data, spec, first=first)
         trace_values, converged, iterations = [total], True, 1
         initial = None
+    notes = tuple(spec.notes)
+    if method == "activations" and unmatched:
+        notes += (unmatched_note(unmatched),)
     aligned = permute_model(model_b, spec, perms)
     return AlignmentResult(aligned, perms, iterations, tuple(trace_values), converged, method,
-                           spec, time.perf_counter() - began, initial, spec.notes)
+                           spec, time.perf_counter() - began, initial, notes,
+                           tuple(unmatched) if method == "activations" else ())

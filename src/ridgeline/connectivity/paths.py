@@ -336,6 +336,18 @@ class PathEngine:
         self.batches: list[torch.Tensor] = []
         self.normalization = "none"
         self.repair: _Repair | None = None
+        if repair and self.has_bn and reset_data is None:
+            # REPAIR on a BatchNorm network is a BatchNorm reset at every point; without
+            # reset_bn= that reset would silently run on the evaluation data (the test split's
+            # statistics when that is what is being evaluated). Refuse rather than warn: a
+            # warning is lost inside a study, the barrier it produces is not.
+            raise ConfigError(
+                "repair=True on a network with BatchNorm means re-estimating its BatchNorm "
+                "statistics at every point (for BatchNorm networks REPAIR is the BatchNorm "
+                "reset, Jordan et al. 2023), and without reset_bn= that would use the "
+                "evaluation data: test-set statistics when it is the test split. Pass "
+                "reset_bn=training_data, or reset_bn=True to reset on the evaluation data "
+                "deliberately.")
         if reset_data is not None or repair:
             source = (objective if reset_data is None or reset_data is True
                       else Objective(self.model, reset_data, objective.loss_fn,
@@ -491,14 +503,17 @@ def interpolate(model_a: nn.Module | Objective, model_b: nn.Module, data: Any = 
     points : int or sequence of float
         Number of evenly spaced α in [0, 1] (both ends), or the α values.
     loss : "cross_entropy", "mse" or callable
-    reset_bn : data, optional
+    reset_bn : data or True, optional
         Training data for re-estimating BatchNorm statistics at every point (train mode,
-        momentum=None, ``reset_batches`` batches, no gradient), endpoints included. Without
-        it BatchNorm networks get interpolated statistics (and a warning).
+        momentum=None, ``reset_batches`` batches, no gradient), endpoints included; ``True``
+        re-estimates them on ``data`` itself. Without it BatchNorm networks get interpolated
+        statistics (and a warning).
     repair : bool
         For networks without BatchNorm: REPAIR (Jordan et al. 2023) each hidden layer's
         channel statistics to the interpolation of the endpoints' (uses ``reset_bn`` data,
-        or ``data``).
+        or ``data``). For a network with BatchNorm, REPAIR is the BatchNorm reset, so it
+        needs ``reset_bn=`` explicitly (ConfigError otherwise: the reset would silently run
+        on the evaluation data) and the result's ``normalization`` is ``"bn-reset"``.
     metrics : sequence of {"loss", "accuracy"}
     refine : bool or int
         Rounds of adaptive refinement around the maximum (True = 4): each round evaluates

@@ -1,16 +1,20 @@
 """Second-order prediction of barrier heights (Singh et al. 2024, "Landscaping LMC").
 
-Expand the loss from each endpoint half-way toward the other and average the two:
+Along the path f(α) = L(θA + αΔ), Δ = θB − θA, expand the loss to second order from each
+endpoint half-way toward the other and average the two expansions:
 
-    L(½) ≈ ½[L_A + ½ g_A·Δ + ⅛ ΔᵀH_AΔ] + ½[L_B − ½ g_B·Δ + ⅛ ΔᵀH_BΔ],   Δ = θB − θA,
+    L(½) ≈ ½[L_A + ½ g_A·Δ + ⅛ ΔᵀH_AΔ] + ½[L_B − ½ g_B·Δ + ⅛ ΔᵀH_BΔ],
 
 so the barrier at the midpoint, L(½) − ½(L_A + L_B), is predicted by
 
-    B̂ = ¼ (g_A − g_B)·Δ + ⅛ · ½ (ΔᵀH_AΔ + ΔᵀH_BΔ).
+    B̂ = ¼ (g_A − g_B)·Δ + (ΔᵀH_AΔ + ΔᵀH_BΔ)/16.
 
-This is the midpoint value of the cubic Hermite model of the loss along the path, so it is
-exact whenever α ↦ L(θ(α)) is a cubic polynomial; its error measures how far the path is
-from that. Each quadratic form costs one Hessian-vector product.
+B̂ is the mean of the two half-way second-order Taylor expansions. It is exact whenever
+α ↦ f(α) is a cubic polynomial (the third-order terms of the two expansions, ±f‴/48,
+cancel); otherwise its error is of the order of f⁗ along the path. It is *not* the
+midpoint of the cubic Hermite interpolant of f, which uses the gradients only,
+⅛ (g_A − g_B)·Δ (the two agree on cubics and differ otherwise). Each end costs one
+forward-over-reverse pass (L, g·Δ and ΔᵀHΔ together).
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ from .layerwise import hybrid, layer_groups
 from .paths import PathEngine, all_parameters, coerce_pair
 
 __all__ = ["predict_barrier", "BarrierPrediction", "LayerPrediction", "directional_terms",
-           "predicted_barrier"]
+           "predicted_barrier", "PREDICTOR"]
+
+#: what B̂ is, recorded in every :class:`BarrierPrediction`
+PREDICTOR = ("B̂ = ¼(g_A − g_B)·Δ + (ΔᵀH_AΔ + ΔᵀH_BΔ)/16: the mean of the second-order "
+             "Taylor expansions of the loss from A and from B evaluated half-way, minus "
+             "½(L_A + L_B); exact when the loss is cubic along the path (Singh et al. 2024); "
+             "not the cubic Hermite midpoint ⅛(g_A − g_B)·Δ")
 
 
 def directional_terms(objective: Objective, params: Mapping[str, torch.Tensor],
@@ -63,7 +73,9 @@ def directional_terms(objective: Objective, params: Mapping[str, torch.Tensor],
 
 
 def predicted_barrier(at_a: Mapping[str, float], at_b: Mapping[str, float]) -> dict[str, float]:
-    """B̂ = ¼(g_A − g_B)·Δ + ⅛·½(ΔᵀH_AΔ + ΔᵀH_BΔ) from the terms at both ends."""
+    """B̂ = ¼(g_A − g_B)·Δ + (ΔᵀH_AΔ + ΔᵀH_BΔ)/16 from the terms at both ends: the mean of
+    the second-order Taylor expansions from A and from B evaluated half-way, minus
+    ½(L_A + L_B)."""
     gradient_term = 0.25 * (at_a["g_delta"] - at_b["g_delta"])
     curvature_term = 0.0625 * (at_a["delta_h_delta"] + at_b["delta_h_delta"])
     return {"predicted": gradient_term + curvature_term, "gradient_term": gradient_term,
@@ -111,6 +123,9 @@ class BarrierPrediction:
         Spearman rank correlation of predicted vs measured layer barriers.
     spearman_midpoint : float or None
         The same against the measured midpoint barriers.
+    predictor : str
+        What B̂ is (:data:`PREDICTOR`): the mean of the two half-way second-order Taylor
+        expansions, not the cubic Hermite midpoint.
     """
 
     predicted: float
@@ -121,6 +136,7 @@ class BarrierPrediction:
     spearman: float | None = None
     spearman_pvalue: float | None = None
     spearman_midpoint: float | None = None
+    predictor: str = PREDICTOR
 
     def to_dict(self) -> dict:
         from ridgeline._json import to_jsonable
@@ -130,7 +146,7 @@ class BarrierPrediction:
             "measured_midpoint": self.measured_midpoint, "terms": dict(self.terms),
             "layers": None if self.layers is None else [r.to_dict() for r in self.layers],
             "spearman": self.spearman, "spearman_pvalue": self.spearman_pvalue,
-            "spearman_midpoint": self.spearman_midpoint})
+            "spearman_midpoint": self.spearman_midpoint, "predictor": self.predictor})
 
     def plot(self, ax=None):
         """Predicted vs measured barrier per layer (with the line y = x)."""
@@ -192,10 +208,12 @@ def predict_barrier(model_a: nn.Module | Objective, model_b: nn.Module, data: An
 
     With Δ = θB − θA, gradients g and Hessians H of the loss at both ends,
 
-        B̂ = ¼ (g_A − g_B)·Δ + ⅛ · ½ (ΔᵀH_AΔ + ΔᵀH_BΔ),
+        B̂ = ¼ (g_A − g_B)·Δ + (ΔᵀH_AΔ + ΔᵀH_BΔ)/16,
 
-    the midpoint barrier L(θ(½)) − ½(L_A + L_B) of the cubic Hermite interpolant of the
-    loss along the path (exact when the loss is cubic in α). Each end costs one pass over
+    the mean of the second-order Taylor expansions of the loss from A and from B evaluated
+    half-way, minus ½(L_A + L_B): a prediction of the midpoint barrier
+    L(θ(½)) − ½(L_A + L_B), exact when the loss is cubic in α (it is not the cubic Hermite
+    midpoint, ⅛ (g_A − g_B)·Δ, which has no curvature term). Each end costs one pass over
     the data (a forward-over-reverse product gives L, g·Δ and ΔᵀHΔ together).
 
     With ``layerwise=True`` the same prediction is made for every layer's path A → C_ℓ =

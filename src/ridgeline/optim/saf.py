@@ -11,12 +11,20 @@ from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
 
 __all__ = ["TrajectoryLoss", "distillation_kl"]
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float64": torch.float64}
+
+
+def _compute_dtype(outputs: torch.Tensor) -> torch.dtype:
+    """The KL's dtype: the model's (its logits'), at least float32 (half-precision logits
+    are promoted, float64 logits stay float64)."""
+    return torch.promote_types(outputs.dtype, torch.float32)
 
 
 class _SoftKL(torch.autograd.Function):
     """s · Σ_i m_i KL(softmax(t_i/τ) ‖ softmax(f_i/τ)) with its gradient in closed form,
-    ∂/∂f_i = s m_i (softmax(f_i/τ) − softmax(t_i/τ)) / τ: one autograd node, few kernels.
+    ∂/∂f_i = s m_i (softmax(f_i/τ) − softmax(t_i/τ)) / τ: one autograd node, few kernels,
+    computed in the logits' dtype (at least float32).
 
     This term is the whole overhead of SAF, so its kernel count matters: student and
     teacher logits are stacked as (2, O, B) so that one scaling and one log-softmax serve
@@ -26,12 +34,14 @@ class _SoftKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, outputs, teacher_logits, mask, scale, temperature):
-        both = torch.stack((outputs.detach().float().t(), teacher_logits.float().t()))
+        dtype = _compute_dtype(outputs)
+        both = torch.stack((outputs.detach().to(dtype).t(), teacher_logits.to(dtype).t()))
         logs = F.log_softmax(both.mul_(1.0 / temperature), dim=1)
         probs = logs.exp()
         gap = logs[1] - logs[0]                    # log p − log q
         diff = (probs[0] - probs[1]).t().contiguous()   # q − p as (B, O), the gradient's direction
         if mask is not None:
+            mask = mask.to(dtype)
             gap.mul_(mask)
             diff.mul_(mask.unsqueeze(-1))
         ctx.save_for_backward(diff)
@@ -49,10 +59,11 @@ def distillation_kl(teacher_logits: torch.Tensor, outputs: torch.Tensor, tempera
     r"""λ τ² · (1/B) Σ_i m_i KL( softmax(t_i/τ) ‖ softmax(f_i/τ) ), gradient only through f.
 
     ``mask`` (B,) weights the examples (0 drops one); the mean is over all B examples. The
-    gradient is the closed form λ τ m_i (softmax(f_i/τ) − softmax(t_i/τ)) / B.
+    gradient is the closed form λ τ m_i (softmax(f_i/τ) − softmax(t_i/τ)) / B. Computed in
+    the dtype of ``outputs`` (half precision promoted to float32; float64 stays float64).
     """
     if mask is not None:
-        mask = mask.to(outputs.device, torch.float32)
+        mask = mask.to(outputs.device, _compute_dtype(outputs))
     scale = weight * temperature ** 2 / outputs.shape[0]
     return _SoftKL.apply(outputs, teacher_logits.detach(), mask, scale, float(temperature))
 
@@ -63,7 +74,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
             raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         return _DTYPES[dtype]
     if dtype not in _DTYPES.values():
-        raise ConfigError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}.")
+        raise ConfigError(f"dtype must be torch.float16, torch.bfloat16, torch.float32 or "
+                          f"torch.float64, got {dtype}.")
     return dtype
 
 
@@ -81,9 +93,11 @@ class TrajectoryLoss:
     et al. show approximates SAM's sharpness term at no extra forward or backward pass.
     Logits are kept per example index in a ring buffer of Ẽ + 1 epoch slots, so memory is
     exactly (Ẽ + 1)·N·O values of ``dtype`` (a slot is filled with NaN when its epoch
-    starts, which marks the examples not seen in it). The term is 0 before ``start_epoch``
-    and for examples without logits from epoch e − Ẽ (the first Ẽ epochs, or an example
-    skipped by ``drop_last``); the mean is always over the whole batch.
+    starts, which marks the examples not seen in it). The term is 0 up to and including
+    epoch ``start_epoch`` (counted from 0, as the authors' code counts) and for examples
+    without logits from epoch e − Ẽ (the first Ẽ epochs, or an example skipped by
+    ``drop_last``); the mean is always over the whole batch. The KL is computed in the
+    logits' dtype (float64 for a float64 model; half precision is promoted to float32).
 
     Parameters
     ----------
@@ -98,9 +112,17 @@ class TrajectoryLoss:
     weight : float
         λ ≥ 0 (paper: 0.3).
     start_epoch : int
-        First epoch with a non-zero term (paper: about 5, or 30 % of training).
-    dtype : torch.float16, torch.bfloat16 or torch.float32
-        Storage type of the buffer (half precision halves the memory).
+        The authors' ``kl_start_epoch`` (their default 5): the term is on in every epoch
+        *after* it, counting epochs from 0 — ``epoch − first_epoch > start_epoch``, exactly
+        their ``epoch > args.kl_start_epoch`` with 0-based epochs. With ridgeline's epochs
+        (counted from 1) the first epoch with a term is ``start_epoch + 2``: 7 for the
+        default 5, the 7th epoch of training in both codes (:attr:`first_active_epoch`).
+    first_epoch : int
+        The number the caller gives its first epoch: 1 for :func:`ridgeline.train` (and
+        ``range(1, epochs + 1)``), 0 for a ``range(epochs)`` loop as in the authors' code.
+    dtype : torch.float16, torch.bfloat16, torch.float32 or torch.float64
+        Storage type of the buffer (half precision halves the memory; float64 keeps a
+        float64 model's logits exactly).
     device : torch.device, optional
         Where the buffer lives; by default the device of the first logits it sees. It is
         allocated on the first call, not before.
@@ -115,13 +137,14 @@ class TrajectoryLoss:
 
     References
     ----------
-    Du, Zhou, Feng, Ong & Goh (2022), "Sharpness-Aware Training for Free", NeurIPS.
+    Du, Zhou, Feng, Ong & Goh (2022), "Sharpness-Aware Training for Free", NeurIPS; their
+    code, github.com/AngusDujw/SAF, ``SAF_train.py`` (``epoch > args.kl_start_epoch``).
     """
 
     def __init__(self, num_examples: int, num_outputs: int, *, lag: int = 3,
                  temperature: float = 5.0, weight: float = 0.3, start_epoch: int = 5,
                  dtype: torch.dtype | str = torch.float16,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, first_epoch: int = 1) -> None:
         if int(num_examples) < 1 or int(num_outputs) < 1:
             raise ConfigError(f"num_examples and num_outputs must be ≥ 1, got {num_examples} "
                               f"and {num_outputs}.")
@@ -133,7 +156,7 @@ class TrajectoryLoss:
             raise ConfigError(f"weight must be ≥ 0, got {weight}.")
         self.num_examples, self.num_outputs = int(num_examples), int(num_outputs)
         self.lag, self.temperature, self.weight = int(lag), float(temperature), float(weight)
-        self.start_epoch = int(start_epoch)
+        self.start_epoch, self.first_epoch = int(start_epoch), int(first_epoch)
         self.dtype = resolve_dtype(dtype)
         self.slots = self.lag + 1
         self._device = None if device is None else torch.device(device)
@@ -143,6 +166,13 @@ class TrajectoryLoss:
         self._epoch: int | None = None
         self._seen = 0
         self._epoch_sizes: list[int] = []
+
+    @property
+    def first_active_epoch(self) -> int:
+        """The first epoch (in the caller's numbering) whose term can be non-zero:
+        ``first_epoch + start_epoch + 1`` (7 for ridgeline's 1-based epochs and the default
+        start_epoch = 5, the authors' 0-based epoch 6)."""
+        return self.first_epoch + self.start_epoch + 1
 
     # ------------------------------------------------------------------ memory
     @property
@@ -209,18 +239,20 @@ class TrajectoryLoss:
 
     # ------------------------------------------------------------------ the term
     def stored_logits(self, indices: torch.Tensor, epoch: int) -> torch.Tensor | None:
-        """The logits stored for ``indices`` in ``epoch`` (float32), or None if that epoch is
+        """The logits stored for ``indices`` in ``epoch`` (at least float32), or None if that epoch is
         no longer (or not yet) in the buffer or some of these examples were not seen in it."""
         if self._logits is None or epoch < 0 or self._slot_epoch[epoch % self.slots] != epoch:
             return None
         indices = torch.as_tensor(indices, device=self._logits.device)
         self._check_range(indices)
-        logits = self._logits[epoch % self.slots].index_select(0, indices).float()
+        logits = self._logits[epoch % self.slots].index_select(0, indices)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return None if bool(logits.isnan().any()) else logits
 
     def __call__(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> torch.Tensor:
         """Store this batch's logits for ``epoch`` and return λ τ² · mean KL against the
-        logits of ``epoch − lag`` (0 before ``start_epoch`` or without such logits)."""
+        logits of ``epoch − lag`` (0 before :attr:`first_active_epoch` or without such
+        logits)."""
         indices = self._check(outputs, indices)
         if self._logits is None:
             self._allocate(outputs.device)
@@ -231,7 +263,9 @@ class TrajectoryLoss:
         term = None
         past = epoch - self.lag
         try:
-            if epoch >= self.start_epoch and self.weight > 0 and self._slot_epoch[past % self.slots] == past:
+            # the authors' rule, `epoch > kl_start_epoch` with epochs counted from 0
+            active = epoch - self.first_epoch > self.start_epoch
+            if active and self.weight > 0 and self._slot_epoch[past % self.slots] == past:
                 teacher = self._logits[past % self.slots].index_select(0, idx).to(outputs.device)
                 mask = None
                 if not self._complete.get(past, False):  # some examples may be missing
@@ -249,5 +283,7 @@ class TrajectoryLoss:
 
     def describe(self) -> dict:
         return {"lag": self.lag, "temperature": self.temperature, "weight": self.weight,
-                "start_epoch": self.start_epoch, "dtype": str(self.dtype).replace("torch.", ""),
+                "start_epoch": self.start_epoch, "first_epoch": self.first_epoch,
+                "first_active_epoch": self.first_active_epoch,
+                "dtype": str(self.dtype).replace("torch.", ""),
                 "memory_bytes": self.memory_bytes}
