@@ -151,6 +151,11 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     ----------
     Ainsworth, Hayase & Srinivasa (2023), "Git Re-Basin", Algorithm 1.
     """
+    if spec.structure:  # attention heads, fused projections
+        from .heads import structured_weight_matching
+
+        return structured_weight_matching(params_a, params_b, spec, max_iter=max_iter, tol=tol,
+                                          seed=seed)
     rng = np.random.default_rng(None if seed is None else int(seed) if not isinstance(
         seed, torch.Generator) else int(seed.initial_seed()))
     names = [k for k in params_a]
@@ -374,6 +379,9 @@ def _match_activations(model_a: nn.Module, model_b: nn.Module, data: Any, spec: 
             for axis, root in enumerate(axes):
                 if root in tr.labels and spec.axes.get(name, ())[axis:axis + 1] not in ((), (None,)):
                     renamed.setdefault(tr.labels[root], spec.axes[name][axis])
+        for label in tr.labels.values():  # structured parts carried by no parameter
+            if label in spec.perms:
+                renamed.setdefault(label, label)
         sites = {renamed[label]: items
                  for label, items in _site_nodes(tr.graph_module, tr.tracer, tr.labels).items()
                  if label in renamed}
@@ -396,6 +404,16 @@ def _match_activations(model_a: nn.Module, model_b: nn.Module, data: Any, spec: 
     perms: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
     total = 0.0
+    if spec.structure:  # heads and segments: assignments over heads, then within them
+        from .heads import distribute_costs, solve_costs
+
+        corrs = {perm: acc.correlation() for perm, acc in moments.items()}
+        costs = distribute_costs(spec, corrs)
+        perms = solve_costs(spec, costs)
+        unmatched = [p for p in spec.perms if p not in costs and not any(
+            p in e[1] for e in spec.structure.values() if e[0] == "cat")]
+        total = sum(float(c[torch.arange(c.shape[0]), perms[p]].sum()) for p, c in corrs.items())
+        return perms, total, unmatched
     for perm, n in spec.perms.items():
         if perm not in moments:
             perms[perm] = torch.arange(n)
