@@ -78,6 +78,15 @@ class AlignmentResult:
     initial_objective: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     unmatched: tuple[str, ...] = ()
+    function_error: float | None = None
+    function_scale: float | None = None
+
+    @property
+    def function_relative_error(self) -> float | None:
+        """max |f_B(x) − f_πB(x)| / max |f_B(x)| on the example batch."""
+        if self.function_error is None or self.function_scale is None:
+            return None
+        return self.function_error / max(self.function_scale, 1e-300)
 
     @property
     def changed_units(self) -> int:
@@ -91,7 +100,8 @@ class AlignmentResult:
                 "changed_units": self.changed_units,
                 "permutation_sizes": {k: int(v.numel()) for k, v in self.permutations.items()},
                 "permutations": {k: v.tolist() for k, v in self.permutations.items()},
-                "notes": list(self.notes), "unmatched": list(self.unmatched)}
+                "notes": list(self.notes), "unmatched": list(self.unmatched),
+                "function_error": self.function_error, "function_scale": self.function_scale}
 
     def plot(self, ax=None):
         """The matching objective after each pass."""
@@ -489,6 +499,10 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
         first = traced(model_a, batch)
         spec = first.spec
     elif spec is None:
+        if example_input is None:
+            from .permutation_spec import guess_example_input
+
+            example_input = guess_example_input(model_a)
         spec = permutation_spec(model_a, example_input=example_input)
     else:
         spec = coerce_spec(spec, model_a)
@@ -507,6 +521,22 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
     if method == "activations" and unmatched:
         notes += (unmatched_note(unmatched),)
     aligned = permute_model(model_b, spec, perms)
+    error, scale = function_change(model_b, aligned, example_input)
     return AlignmentResult(aligned, perms, iterations, tuple(trace_values), converged, method,
                            spec, time.perf_counter() - began, initial, notes,
-                           tuple(unmatched) if method == "activations" else ())
+                           tuple(unmatched) if method == "activations" else (), error, scale)
+
+
+def function_change(model_b: nn.Module, aligned: nn.Module, inputs: torch.Tensor | None
+                    ) -> tuple[float | None, float | None]:
+    """(max |f_B(x) − f_πB(x)|, max |f_B(x)|) on the example batch: the permuted model must
+    compute B's function, so the first number is round-off (None without an input)."""
+    from ridgeline.objective import module_mode
+    from ridgeline.outputs import as_logits
+
+    if inputs is None:
+        return None, None
+    with torch.no_grad(), module_mode(model_b, False), module_mode(aligned, False):
+        out_b = as_logits(model_b(inputs)).double()
+        out_p = as_logits(aligned(inputs)).double()
+    return float((out_b - out_p).abs().max()), float(out_b.abs().max())

@@ -1091,8 +1091,13 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     names = [*params, *buffers]
 
+    # Hugging Face models are traced as called (their default cache is created inside the
+    # traced call and only indexed; use_cache=False sends GPT-2 in transformers 5 down a
+    # data-dependent mask path that make_fx cannot record)
+    kwargs: dict[str, Any] = {}
+
     def forward(p, b, x):
-        return as_logits(functional_call(model, (p, b), (x,)))
+        return as_logits(functional_call(model, (p, b), (x,), kwargs))
 
     try:
         with module_mode(model, False), torch.no_grad():
