@@ -133,8 +133,10 @@ def structured_weight_matching(params_a: Mapping[str, torch.Tensor],
     """Git Re-Basin weight matching (coordinate descent over assignment problems) for a
     spec with heads and segments; see the module docstring. Returns the flat
     permutations of ``spec.perms``, Σ_k ⟨θ_A,k, π(θ_B)_k⟩ after each pass, converged."""
-    from .alignment import _inner
     from .permutation_spec import apply_permutations
+
+    def _inner(a, b):
+        return sum(float(torch.dot(a[k].reshape(-1), b[k].reshape(-1))) for k in a)
 
     rng = np.random.default_rng(None if seed is None else int(seed))
     state = StructuredState(spec)

@@ -355,11 +355,13 @@ _ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attenti
               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
               "_scaled_dot_product_fused_attention_overrideable",
               "_scaled_dot_product_attention_math_for_mps", "_native_multi_head_attention"}
-#: ops whose result is indices or masks only (any input): they touch no hidden unit
+#: ops on integer/boolean data (ids, positions, masks; float too for those whose result is
+#: an index or a mask): they touch no hidden unit
 _INDEX_ONLY = {"argmax", "argmin", "argsort", "sort", "topk", "cumsum", "nonzero", "bitwise_and",
                "bitwise_or", "bitwise_not", "bitwise_xor", "logical_not", "logical_xor", "any",
                "all", "isinf", "isnan", "isfinite", "tril", "triu", "searchsorted",
                "bucketize", "_unsafe_index", "diff", "vmap_tril", "__and__", "__or__"}
+_INDEX_RESULT = {"argmax", "argmin", "argsort", "isinf", "isnan", "isfinite"}
 #: ops that gather along axes: understood only on integer data (ids, positions)
 _INDEXING = {"gather", "index", "index_select", "take", "take_along_dim", "scatter",
              "index_put", "index_put_", "masked_select"}
@@ -662,8 +664,8 @@ class _Tracer:
             return self.unbind(node, x)
         if name in _ATTENTION:
             return self.attention(name, node)
-        if name in _INDEX_ONLY or (name in _INDEXING and (name != "index_select"
-                                                          or not _is_float(args[0]))):
+        if ((name in _INDEX_ONLY and (not _is_float(args[0]) or name in _INDEX_RESULT))
+                or (name in _INDEXING and (name != "index_select" or not _is_float(args[0])))):
             # ops that only index (ids of tokens and positions, masks, caches) touch no
             # hidden unit
             for arg in self.tensor_args(node):
