@@ -506,6 +506,8 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
         spec = permutation_spec(model_a, example_input=example_input)
     else:
         spec = coerce_spec(spec, model_a)
+    if spec.head_groups and spec.source == "traced":
+        _check_same_heads(spec, model_b, example_input)
     params_a = {k: v.detach() for k, v in model_a.named_parameters()}
     params_b = {k: v.detach() for k, v in model_b.named_parameters()}
     initial = _inner(params_a, params_b)
@@ -525,6 +527,25 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
     return AlignmentResult(aligned, perms, iterations, tuple(trace_values), converged, method,
                            spec, time.perf_counter() - began, initial, notes,
                            tuple(unmatched) if method == "activations" else (), error, scale)
+
+
+def _heads(spec: PermutationSpec) -> list[tuple[int, int]]:
+    return sorted((int(e[2]), int(e[3])) for e in spec.structure.values() if e[0] == "heads")
+
+
+def _check_same_heads(spec_a: PermutationSpec, model_b: nn.Module,
+                      inputs: torch.Tensor | None) -> None:
+    """Models with equal shapes may still split their features into different heads."""
+    try:
+        spec_b = permutation_spec(model_b, example_input=inputs)
+    except Exception:  # noqa: BLE001 - B traced like A; a failure here is reported by A's trace
+        return
+    if _heads(spec_a) != _heads(spec_b):
+        raise ConfigError(
+            f"models A and B split their attention features into different heads: A has "
+            f"(heads, features per head) {_heads(spec_a)}, B has {_heads(spec_b)}. Heads can "
+            "only be matched between models with the same head counts; align models built "
+            "with the same configuration.")
 
 
 def function_change(model_b: nn.Module, aligned: nn.Module, inputs: torch.Tensor | None

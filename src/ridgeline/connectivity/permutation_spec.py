@@ -1250,6 +1250,16 @@ def traced(model: nn.Module, inputs: torch.Tensor) -> Traced:
                 if part is not None:
                     perms.setdefault(part, int(size))
     perms.update({label: _structured_size(entry) for label, entry in structure.items()})
+    for label, entry in structure.items():
+        if entry[0] == "heads" and not entry[4]:
+            tracer.notes.append(
+                f"'{label}': {entry[2]} heads of {entry[3]} features; the heads "
+                f"{'move as wholes' if entry[1] else 'stay in place'} but the features within "
+                "each head stay in place (an operation pairs or mixes them, e.g. rotary "
+                "position embeddings, which rotate pairs of features)")
+        elif entry[0] == "heads" and entry[1] is None:
+            tracer.notes.append(f"'{label}': the {entry[2]} heads stay in place (only the "
+                                "features within each head are permuted)")
     if not perms:
         tracer.notes.append("no hidden units can be permuted in this model")
     spec = PermutationSpec(perms, axes, "traced", tuple(dict.fromkeys(tracer.notes)),
