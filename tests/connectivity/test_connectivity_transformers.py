@@ -164,3 +164,56 @@ def test_grouped_query_attention_leaves_heads_in_place_and_keeps_the_function():
     assert all(e[1] is None for e in spec.structure.values() if e[0] == "heads")
     permuted = permute_model(model, spec, _random_permutation(spec, seed=2))
     assert (_out(permuted, x) - _out(model, x)).abs().max() <= 1e-12
+
+
+def test_models_with_other_head_counts_are_refused_before_matching():
+    from ridgeline.errors import ConfigError
+
+    a = transformer(40, 10, width=16, heads=4, depth=1)
+    b = transformer(40, 10, width=16, heads=2, depth=1)  # same shapes, other heads
+    with pytest.raises(ConfigError, match="different heads"):
+        align(a, b, example_input=torch.randn(2, 40))
+
+
+class Rotary(nn.Module):
+    """Q/K rotated by position (rotary embeddings pair feature j with j + d/2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.q, self.k = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.v, self.out, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        freq = 1.0 / 10000 ** (torch.arange(0, 4, 2) / 4)
+        angles = torch.outer(torch.arange(6.0), freq)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin(), persistent=False)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        z = self.embed(x)
+
+        def heads(y):
+            return y.reshape(n, t, 2, 4).transpose(1, 2)
+
+        def rotate(y):
+            half = torch.cat([-y[..., 2:], y[..., :2]], dim=-1)
+            return y * self.cos[:t] + half * self.sin[:t]
+
+        q, k, v = rotate(heads(self.q(z))), rotate(heads(self.k(z))), heads(self.v(z))
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(self.out(a.transpose(1, 2).reshape(n, t, 8)).mean(1))
+
+
+def test_rotary_embeddings_keep_query_key_features_in_place_and_say_so():
+    torch.manual_seed(0)
+    model, x = Rotary().double(), torch.randn(3, 6, 3, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    qk = spec.axes["q.weight"][0]
+    vo = spec.axes["v.weight"][0]
+    assert spec.structure[qk][4] is False and spec.structure[qk][1] is not None
+    assert spec.structure[vo][4] is True and spec.structure[vo][1] == spec.structure[qk][1]
+    assert any("rotary" in note for note in spec.notes)
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=4))
+    assert (_out(permuted, x) - _out(model, x)).abs().max() <= 1e-12
+    result = align(model, permuted, example_input=x)
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key

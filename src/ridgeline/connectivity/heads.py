@@ -13,7 +13,7 @@ problems as Git Re-Basin, one level at a time:
   S[h, h'] = Σ_F max_τ Σ_j C_F[(h, j), (h', τ(j))] — the best within-head assignment of the
   d×d block — and σ = argmax_σ Σ_h S[h, σ(h)]; then each head's τ_h solves its block
   C_F[(h, ·), (σ(h), ·)] (Verma & Elbayad 2024, "Merging text transformer models from
-  different initializations"; Imfeld et al. 2023, "Transformer fusion with optimal
+  different initializations"; Imfeld et al. 2024, "Transformer fusion with optimal
   transport", match heads as wholes in the same way).
 """
 
