@@ -50,6 +50,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--points", type=int, default=11)
+    parser.add_argument("--seeds", type=int, nargs=2, default=(1, 2),
+                        help="init (= data order) seeds of the two transformers")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train, test = mnist1d("train"), mnist1d("test")
@@ -57,9 +59,10 @@ def main(argv=None) -> dict:
     def factory():
         return transformer(40, 10, width=args.width, depth=2, heads=4)
 
-    a = _train(factory, 1, 1, args.epochs, train, 3e-3)
-    b = _train(factory, 2, 2, args.epochs, train, 3e-3)
-    out: dict = {"width": args.width, "epochs": args.epochs,
+    s_a, s_b = args.seeds
+    a = _train(factory, s_a, s_a, args.epochs, train, 3e-3)
+    b = _train(factory, s_b, s_b, args.epochs, train, 3e-3)
+    out: dict = {"width": args.width, "epochs": args.epochs, "seeds": list(args.seeds),
                  "parameters": sum(p.numel() for p in a.parameters())}
 
     def path(model_b):
@@ -78,7 +81,8 @@ def main(argv=None) -> dict:
     out["activations"] = {**path(am.model),
                           "function_relative_error": am.function_relative_error}
     groups = _groups(a)
-    for tag, model_b in (("layerwise_naive", b), ("layerwise_weights", wm.model)):
+    for tag, model_b in (("layerwise_naive", b), ("layerwise_weights", wm.model),
+                         ("layerwise_activations", am.model)):
         lw = layerwise_barriers(a, model_b, test, layers=groups, points=args.points,
                                 metrics=("loss",))
         out[tag] = dict(zip(lw.layers, lw.barriers))

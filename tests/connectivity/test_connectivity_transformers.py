@@ -217,3 +217,17 @@ def test_rotary_embeddings_keep_query_key_features_in_place_and_say_so():
     result = align(model, permuted, example_input=x)
     for key, value in model.named_parameters():
         assert torch.equal(dict(result.model.named_parameters())[key], value), key
+
+
+def test_weight_matching_started_at_the_answer_stays_there_with_heads():
+    from ridgeline.connectivity.alignment import model_state, weight_matching
+
+    torch.manual_seed(0)
+    model, x = _ridgeline()
+    spec = permutation_spec(model, example_input=x)
+    other = transformer(40, 10, width=16, heads=4, depth=2)
+    first, _, _ = weight_matching(model_state(model), model_state(other), spec)
+    again, trace, converged = weight_matching(model_state(model), model_state(other), spec,
+                                              init=first)
+    assert converged and len(trace) == 1
+    assert all(torch.equal(first[p], again[p]) for p in spec.perms)

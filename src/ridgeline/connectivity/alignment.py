@@ -165,7 +165,7 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
         from .heads import structured_weight_matching
 
         return structured_weight_matching(params_a, params_b, spec, max_iter=max_iter, tol=tol,
-                                          seed=seed)
+                                          seed=seed, init=init)
     rng = np.random.default_rng(None if seed is None else int(seed) if not isinstance(
         seed, torch.Generator) else int(seed.initial_seed()))
     names = [k for k in params_a]

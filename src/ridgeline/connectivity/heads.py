@@ -41,6 +41,22 @@ class StructuredState:
         self.tau = {f: torch.arange(e[3]).repeat(e[2], 1) for f, e in spec.structure.items()
                     if e[0] == "heads" and e[4]}
 
+    def start_from(self, flat: Mapping[str, torch.Tensor]) -> None:
+        """Take free parts from flat permutations (e.g. a previous matching's result)."""
+        for p in self.free:
+            if p in flat:
+                self.free[p] = torch.as_tensor(flat[p]).long()
+        for f, e in self.spec.structure.items():
+            if e[0] != "heads" or f not in flat:
+                continue
+            h, d = int(e[2]), int(e[3])
+            value = torch.as_tensor(flat[f]).long().reshape(h, d)
+            sigma = value[:, 0] // d
+            if e[1] is not None:
+                self.sigma[e[1]] = sigma
+            if e[4]:
+                self.tau[f] = value - sigma[:, None] * d
+
     def flat(self) -> dict[str, torch.Tensor]:
         return expand_permutations(self.spec, self.free, self.sigma, self.tau)
 
@@ -128,7 +144,8 @@ def _value(flat: torch.Tensor, cost: torch.Tensor) -> float:
 
 def structured_weight_matching(params_a: Mapping[str, torch.Tensor],
                                params_b: Mapping[str, torch.Tensor], spec: PermutationSpec, *,
-                               max_iter: int = 100, tol: float = 0.0, seed: int | None = 0
+                               max_iter: int = 100, tol: float = 0.0, seed: int | None = 0,
+                               init: Mapping[str, torch.Tensor] | None = None
                                ) -> tuple[dict[str, torch.Tensor], list[float], bool]:
     """Git Re-Basin weight matching (coordinate descent over assignment problems) for a
     spec with heads and segments; see the module docstring. Returns the flat
@@ -138,8 +155,11 @@ def structured_weight_matching(params_a: Mapping[str, torch.Tensor],
     def _inner(a, b):
         return sum(float(torch.dot(a[k].reshape(-1), b[k].reshape(-1))) for k in a)
 
-    rng = np.random.default_rng(None if seed is None else int(seed))
+    rng = np.random.default_rng(None if seed is None else int(seed.initial_seed())
+                                if isinstance(seed, torch.Generator) else int(seed))
     state = StructuredState(spec)
+    if init is not None:
+        state.start_from(init)
     contains = _contains(spec)
     names = list(params_a)
     a_side = {k: params_a[k].detach() for k in names}
