@@ -125,6 +125,26 @@ def test_power_iteration_baseline_finds_dominant_pairs():
     assert result.method == "power"
 
 
+def test_power_iteration_stopped_at_max_iter_reports_unit_vectors_and_true_residuals():
+    """Too few iterations to converge: the result must still be honest against eigh —
+    orthonormal vectors, θ their Rayleigh quotients, residuals ‖Av − θv‖ recomputed here,
+    and the error of θ bounded by the residual (Weyl/Kato–Temple, dense spectrum)."""
+    a = _symmetric(30, seed=4, spectrum=torch.linspace(1.0, 3.0, 30, dtype=F64))
+    result = linalg.power_iteration(lambda v: a @ v, 30, k=3, tol=1e-14, max_iter=4,
+                                    dtype=F64)
+    assert not result.converged
+    vectors = result.vectors
+    torch.testing.assert_close(vectors @ vectors.T, torch.eye(3, dtype=F64), atol=1e-12,
+                               rtol=0)
+    rayleigh = torch.einsum("kp,pq,kq->k", vectors, a, vectors)
+    torch.testing.assert_close(result.values, rayleigh, atol=1e-12, rtol=0)
+    residuals = (vectors @ a - rayleigh[:, None] * vectors).norm(dim=1)
+    torch.testing.assert_close(result.residuals, residuals, atol=1e-12, rtol=0)
+    exact = torch.from_numpy(np.linalg.eigh(a.numpy())[0])
+    gap = (exact[:, None] - result.values[None, :]).abs().amin(0)
+    assert torch.all(gap <= result.residuals + 1e-12)  # some eigenvalue within the residual
+
+
 def test_hutchinson_estimate_lies_within_its_reported_error():
     a = _symmetric(200, seed=9, spectrum=torch.rand(200, dtype=F64) * 2 + 1)
     exact = torch.trace(a).item()

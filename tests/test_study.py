@@ -77,7 +77,8 @@ def test_half_written_line_is_ignored_and_redone(tmp_path):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # crash mid-write
     assert [r["id"] for r in ResultStore(tmp_path).records()][-1] == "first"
-    outcome = run_study(config, tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="1 unreadable line"):  # reported, then moved out
+        outcome = run_study(config, tmp_path, progress=False)
     assert outcome.ran == ["second"]
     assert [r["id"] for r in ResultStore(tmp_path).records()][-1] == "second"
     assert sum(1 for r in ResultStore(tmp_path).records() if r["id"] == "second") == 1

@@ -3,7 +3,7 @@
 The public API. Core objects are imported eagerly; the instrument packages
 (``ridgeline.connectivity``, ``ridgeline.curvature``, ``ridgeline.kernels``,
 ``ridgeline.gradients``, ``ridgeline.transport``, ``ridgeline.subspace``,
-``ridgeline.optim``, ``ridgeline.study``) are imported on first access.
+``ridgeline.merge``, ``ridgeline.optim``, ``ridgeline.study``) are imported on first access.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ _SUBPACKAGES = (
     "gradients",
     "kernels",
     "linalg",
+    "merge",
     "models",
     "optim",
     "params",

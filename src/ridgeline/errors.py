@@ -18,6 +18,7 @@ __all__ = [
     "ConvergenceWarning",
     "UnsupportedOperationError",
     "DistributedError",
+    "RunInUseError",
 ]
 
 
@@ -59,6 +60,10 @@ class UnsupportedOperationError(RidgelineError, NotImplementedError):
 
 class DistributedError(RidgelineError, RuntimeError):
     """Processes of a distributed run disagree, or no process group is initialised."""
+
+
+class RunInUseError(RidgelineError, RuntimeError):
+    """A study's run folder is locked by another run that is still going."""
 
 
 class ConvergenceWarning(UserWarning):

@@ -339,8 +339,10 @@ def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor] | Any,
     For each of k eigenpairs in turn: v ← A v/‖A v‖, orthogonalised against the pairs
     already found, until the Rayleigh quotient θ = vᵀ A v changes by less than
     tol·|θ| between two iterations. That stopping rule says nothing about the error
-    (it stops early when the top eigenvalues are close); prefer :func:`lanczos`. The
-    residuals ‖A v − θ v‖ of the final iterate are reported.
+    (it stops early when the top eigenvalues are close); prefer :func:`lanczos`. Whether
+    or not the test passed within ``max_iter``, each reported vector is the last unit
+    iterate v (orthogonal to the earlier ones, so deflation uses an orthonormal basis),
+    θ = vᵀAv its Rayleigh quotient and ‖A v − θ v‖ its true residual.
 
     Returns
     -------
@@ -354,20 +356,20 @@ def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor] | Any,
     found: list[torch.Tensor] = []
     values, residuals, iterations, all_converged = [], [], 0, True
     for _ in range(k):
-        v = _gaussian(gen, (op.dim,), op)
-        previous, ok, av, theta = None, False, None, 0.0
+        w = _gaussian(gen, (op.dim,), op)
+        previous, ok, v, av, theta = None, False, w, None, 0.0
         for _ in range(max_iter):
             iterations += 1
-            basis = torch.stack(found) if found else v.new_zeros(0, op.dim)
-            v = _orthogonalise(v, basis)
-            v = v / v.norm()
+            basis = torch.stack(found) if found else w.new_zeros(0, op.dim)
+            v = _orthogonalise(w, basis)
+            v = v / v.norm()                 # the unit iterate that is reported
             av = op.matvec(v)
             theta = float(torch.dot(v, av))
             if previous is not None and abs(theta - previous) <= tol * (abs(previous) + 1e-6):
                 ok = True
                 break
             previous = theta
-            v = av
+            w = av                           # normalised (and deflated) next time round
         residuals.append(float((av - theta * v).norm()))
         values.append(theta)
         found.append(v)

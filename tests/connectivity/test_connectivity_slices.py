@@ -92,6 +92,42 @@ def test_hessian_directions_when_curvature_is_available(setup):
     assert result.eigenvalues[0] >= result.eigenvalues[1]
 
 
+def test_hessian_directions_with_a_frozen_layer_match_the_explicit_hessian():
+    """A frozen first layer: the eigenvectors are over the trainable parameters only, are
+    zero on the frozen ones, and match eigh of the Hessian computed explicitly with
+    torch.autograd.functional.hessian over the trainable parameters."""
+    pytest.importorskip("ridgeline.curvature")
+    from ridgeline.params import flatten, unflatten
+
+    torch.manual_seed(3)
+    model = mlp(3, [4], 2, activation="tanh").double()
+    model[1].requires_grad_(False)
+    x = torch.randn(16, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (16,))
+    result = landscape_slice(model, (x, y), directions="hessian", dims=1, points=5, span=0.5)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    like = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_of(flat):
+        params = dict(model.named_parameters())
+        params.update(unflatten(flat, like))
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    hess = torch.autograd.functional.hessian(loss_of, flatten(like))
+    values, vectors = torch.linalg.eigh(hess)
+    top = int(values.abs().argmax())
+    assert result.eigenvalues[0] == pytest.approx(float(values[top]), rel=1e-3)
+    assert result.direction_norms == pytest.approx((1.0,), abs=1e-6)
+    # the slice's losses are those of θ + x·v with v the explicit top eigenvector (either sign)
+    flat0 = flatten(like)
+    for sign in (1.0, -1.0):
+        explicit = [float(loss_of(flat0 + c * sign * vectors[:, top])) for c in result.x]
+        if explicit[0] == pytest.approx(result.losses[0], rel=1e-6):
+            break
+    assert list(result.losses) == pytest.approx(explicit, rel=1e-5)
+    assert names == ["3.weight", "3.bias"]
+
+
 def test_bad_slice_requests(setup):
     model, data = setup
     with pytest.raises(ConfigError):

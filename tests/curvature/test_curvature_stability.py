@@ -55,6 +55,66 @@ def test_fixed_learning_rate_gives_two_over_eta_and_int_subsets_need_data():
         curvature.EdgeOfStability(subset=(x, y), every=0)
 
 
+def test_default_reads_momentum_from_the_optimizer_train_uses():
+    """train() defaults to heavy-ball β = 0.9, so the threshold is (2 + 2β)/η = 38 at
+    η = 0.1, not 2/η = 20 (the default used to be momentum=0.0)."""
+    model, x, y = _setup()
+    eos = curvature.EdgeOfStability(subset=(x[:10], y[:10]), every=2, lr=0.1)
+    ridgeline.train(model, (x, y), lr=0.1, epochs=1, batch_size=8, callbacks=[eos],
+                    progress=False)
+    assert len(eos.records) == 2
+    for record in eos.records:  # the record before the first step included
+        assert record["momentum"] == 0.9 and record["settings"] == "optimizer"
+        assert record["optimizer"] == "SGD" and record["nesterov"] is False
+        assert record["threshold"] == pytest.approx(38.0)
+
+
+def test_nesterov_and_weight_decay_are_read_from_a_torch_optimizer():
+    model, x, y = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, nesterov=True,
+                          weight_decay=0.01)
+    eos = curvature.EdgeOfStability(subset=(x[:10], y[:10]), every=1)
+    ridgeline.train(model, (x, y), optimizer=opt, epochs=1, batch_size=8, callbacks=[eos],
+                    progress=False)
+    last = eos.records[-1]
+    assert last["nesterov"] is True and last["weight_decay"] == 0.01
+    assert last["threshold"] == pytest.approx(3.0 / (0.1 * 2.0) - 0.01)
+    adam = curvature.EdgeOfStability(subset=(x[:10], y[:10]), every=1)
+    ridgeline.train(model, (x, y), optimizer="adam", lr=0.01, epochs=1, batch_size=8,
+                    callbacks=[adam], progress=False)
+    assert adam.records[-1]["optimizer"] == "Adam"
+    assert adam.records[-1]["threshold"] is None  # no 2/η-type threshold for Adam
+    given = curvature.EdgeOfStability(subset=(x[:10], y[:10]), every=1, momentum=0.0)
+    ridgeline.train(model, (x, y), lr=0.1, epochs=1, batch_size=8, callbacks=[given],
+                    progress=False)
+    assert given.records[-1]["settings"] == "given"
+    assert given.records[-1]["threshold"] == pytest.approx(20.0)
+
+
+def _diverges(lam, lr, momentum, nesterov, dampening, weight_decay, steps=3000):
+    """Run torch.optim.SGD itself on L(θ) = ½ λ θ² and report whether it blew up."""
+    theta = torch.ones(1, dtype=F64, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=lr, momentum=momentum, nesterov=nesterov,
+                          dampening=dampening, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * lam * theta.square()).sum().backward()
+        opt.step()
+    return float(theta.detach().abs()) > 1.0
+
+
+@pytest.mark.parametrize("momentum, nesterov, dampening, weight_decay", [
+    (0.0, False, 0.0, 0.0), (0.9, False, 0.0, 0.0), (0.9, True, 0.0, 0.0),
+    (0.5, False, 0.3, 0.0), (0.9, False, 0.0, 0.5), (0.7, True, 0.0, 0.2)])
+def test_threshold_separates_stable_from_divergent_torch_sgd_on_a_quadratic(
+        momentum, nesterov, dampening, weight_decay):
+    lr = 0.1
+    bound = curvature.stability_threshold(lr, momentum, nesterov=nesterov,
+                                          dampening=dampening, weight_decay=weight_decay)
+    assert not _diverges(0.98 * bound, lr, momentum, nesterov, dampening, weight_decay)
+    assert _diverges(1.02 * bound, lr, momentum, nesterov, dampening, weight_decay)
+
+
 @pytest.mark.slow
 def test_full_batch_gradient_descent_reaches_the_edge_of_stability():
     """Cohen et al. (2021): under full-batch GD the top Hessian eigenvalue rises until it

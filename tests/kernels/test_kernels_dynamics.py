@@ -40,7 +40,7 @@ def test_matches_matrix_exponential_for_a_traced_kernel():
     y = torch.randn(8, 2, generator=gen, dtype=torch.float64)
     f0, g0 = torch.randn(8, 2, generator=gen, dtype=torch.float64), torch.randn(3, 2, generator=gen, dtype=torch.float64)
     for t in (0.0, 3.0, 40.0):
-        train, test = predict_gd(k, y, lr=0.7, t=t, f0_train=f0, k_test_train=kx, f0_test=g0)
+        train, test = predict_gd(k, y, trace="mean", lr=0.7, t=t, f0_train=f0, k_test_train=kx, f0_test=g0)
         ref_train, ref_test = _expm_reference(k, y, f0, 0.7, t, kx, g0)
         np.testing.assert_allclose(train.numpy(), ref_train, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(test.numpy(), ref_test, rtol=1e-7, atol=1e-7)
@@ -68,7 +68,7 @@ def test_initial_outputs_at_zero_and_targets_at_infinity():
     gen = torch.Generator().manual_seed(6)
     y, f0 = torch.randn(6, 2, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64)
     kx, g0 = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 2, generator=gen, dtype=torch.float64)
-    train, test = predict_gd(k, y, lr=1.0, t=[0.0, 1e7, math.inf], f0_train=f0, k_test_train=kx, f0_test=g0)
+    train, test = predict_gd(k, y, trace="mean", lr=1.0, t=[0.0, 1e7, math.inf], f0_train=f0, k_test_train=kx, f0_test=g0)
     torch.testing.assert_close(train[0], f0)
     torch.testing.assert_close(test[0], g0)
     torch.testing.assert_close(train[1], y, rtol=1e-8, atol=1e-8)
@@ -82,7 +82,7 @@ def test_singular_kernel_stays_finite_and_interpolates_its_range():
     k = _psd(6, 7, rank=3)  # rank 3
     y = torch.randn(6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     kx = torch.randn(2, 3, dtype=torch.float64) @ torch.randn(3, 6, dtype=torch.float64)
-    train, test = predict_gd(k, y, lr=1.0, t=math.inf, k_test_train=kx)
+    train, test = predict_gd(k, y, trace="mean", lr=1.0, t=math.inf, k_test_train=kx)
     assert bool(torch.isfinite(train).all()) and bool(torch.isfinite(test).all())
     projection = k @ torch.linalg.pinv(k)
     torch.testing.assert_close(train, projection @ y, rtol=1e-8, atol=1e-8)
@@ -91,10 +91,10 @@ def test_singular_kernel_stays_finite_and_interpolates_its_range():
 def test_integer_labels_are_one_hot_and_vectors_are_one_column():
     k = _psd(5, 9)
     labels = torch.tensor([0, 2, 1, 2, 0])
-    out = predict_gd(k, labels, lr=1.0, t=math.inf)
+    out = predict_gd(k, labels, trace="mean", lr=1.0, t=math.inf)
     torch.testing.assert_close(out, nn.functional.one_hot(labels, 3).double(), rtol=1e-8, atol=1e-8)
-    assert predict_gd(k, torch.randn(5, dtype=torch.float64), lr=1.0, t=2.0).shape == (5, 1)
-    assert predict_gd(k, labels, lr=1.0, t=[1.0, 2.0, 3.0]).shape == (3, 5, 3)
+    assert predict_gd(k, torch.randn(5, dtype=torch.float64), trace="mean", lr=1.0, t=2.0).shape == (5, 1)
+    assert predict_gd(k, labels, trace="mean", lr=1.0, t=[1.0, 2.0, 3.0]).shape == (3, 5, 3)
 
 
 def test_tracks_gradient_descent_of_a_model_linear_in_its_parameters():
@@ -128,16 +128,56 @@ def test_bad_arguments_are_refused():
     k = _psd(4, 11)
     y = torch.randn(4, 1, dtype=torch.float64)
     with pytest.raises(ShapeMismatchError, match="square"):
-        predict_gd(k[:3], y, lr=1.0, t=1.0)
+        predict_gd(k[:3], y, trace="mean", lr=1.0, t=1.0)
     with pytest.raises(ShapeMismatchError, match="one row per training example"):
-        predict_gd(k, y[:3], lr=1.0, t=1.0)
+        predict_gd(k, y[:3], trace="mean", lr=1.0, t=1.0)
     with pytest.raises(ConfigError, match="lr"):
-        predict_gd(k, y, lr=0.0, t=1.0)
+        predict_gd(k, y, trace="mean", lr=0.0, t=1.0)
     with pytest.raises(ConfigError, match="t must be"):
-        predict_gd(k, y, lr=1.0, t=-1.0)
+        predict_gd(k, y, trace="mean", lr=1.0, t=-1.0)
     with pytest.raises(ShapeMismatchError, match="f0_train"):
-        predict_gd(k, y, lr=1.0, t=1.0, f0_train=torch.zeros(3, 1))
+        predict_gd(k, y, trace="mean", lr=1.0, t=1.0, f0_train=torch.zeros(3, 1))
     with pytest.raises(ShapeMismatchError, match="k_test_train"):
-        predict_gd(k, y, lr=1.0, t=1.0, k_test_train=torch.zeros(2, 3))
+        predict_gd(k, y, trace="mean", lr=1.0, t=1.0, k_test_train=torch.zeros(2, 3))
     with pytest.raises(DataError, match="labels"):
-        predict_gd(k, torch.tensor([0, 1, 5, -1]), lr=1.0, t=1.0)
+        predict_gd(k, torch.tensor([0, 1, 5, -1]), trace="mean", lr=1.0, t=1.0)
+    with pytest.raises(ConfigError, match="O times too fast"):
+        predict_gd(k, y, lr=1.0, t=1.0)               # a traced kernel needs trace=
+    with pytest.raises(ConfigError, match="trace"):
+        predict_gd(k, y, lr=1.0, t=1.0, trace="max")
+    with pytest.raises(ConfigError, match="full"):
+        predict_gd(k.reshape(4, 4, 1, 1), y, lr=1.0, t=1.0, trace="sum")
+
+
+def test_summed_kernel_follows_real_gradient_descent_with_several_outputs():
+    """empirical_ntk's default trace='sum' adds the O = 3 per-output kernels. For a model
+    linear in its parameters (f = W φ(x) + b) gradient descent follows the flow exactly in
+    the small-step limit; predict_gd(trace='sum') must agree with it and with the full
+    (N, N, O, O) kernel — taking the summed kernel as the per-output one ran 3× too fast."""
+    torch.manual_seed(12)
+    features = nn.Sequential(nn.Linear(3, 16), nn.Tanh()).double().requires_grad_(False)
+    head = nn.Linear(16, 3).double()
+    model = nn.Sequential(features, head)
+    x, x_test = torch.randn(10, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randn(10, 3, dtype=torch.float64)
+    summed, summed_x = empirical_ntk(model, x), empirical_ntk(model, x_test, x)
+    full, full_x = empirical_ntk(model, x, trace=None), empirical_ntk(model, x_test, x, trace=None)
+    with torch.no_grad():
+        f0, g0 = model(x), model(x_test)
+    lr, steps = 0.01, 300
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (0.5 * (model(x) - y).pow(2).sum(1).mean()).backward()
+        optimizer.step()
+    train, test = predict_gd(summed, y, lr=lr, t=steps, trace="sum", f0_train=f0,
+                             k_test_train=summed_x, f0_test=g0)
+    ref_train, ref_test = predict_gd(full, y, lr=lr, t=steps, f0_train=f0, k_test_train=full_x,
+                                     f0_test=g0)
+    torch.testing.assert_close(train, ref_train, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(test, ref_test, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        assert float((model(x) - train).norm() / (model(x) - f0).norm()) < 0.02
+        assert float((model(x_test) - test).norm() / (model(x_test) - g0).norm()) < 0.02
+    mean = predict_gd(summed / 3, y, lr=lr, t=steps, trace="mean", f0_train=f0)
+    torch.testing.assert_close(mean, train, rtol=1e-12, atol=1e-12)

@@ -72,7 +72,9 @@ def test_more_dimensions_reach_higher_accuracy_on_digits():
                                  epochs=6, projection="sparse", search="grid", progress=False)
     low, high = result.mean_accuracies
     assert high > low + 0.3
-    assert result.d_int90 in (None, 400)
+    # measured: 0.04 at d = 2, 0.77 at d = 400 against the target 0.60 (90 % of 0.67)
+    assert low < result.target <= high
+    assert result.d_int90 == 400
 
 
 def test_same_seed_gives_the_same_result(blobs):

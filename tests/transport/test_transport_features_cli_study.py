@@ -138,6 +138,10 @@ def test_sw_command_prints_estimate_and_error(tmp_path):
     assert bad.exit_code == 2 and "d=4" in bad.output
     missing = runner.invoke(app, ["sw", str(tmp_path / "nope.npy"), str(tmp_path / "y.npy")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+    huge = runner.invoke(app, ["sw", str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                               "-L", "100000000", "--memory-budget", "64MiB"])
+    assert huge.exit_code == 2 and "memory_budget" in huge.output
+    assert "projections=" in huge.output and "Traceback" not in huge.output
 
 
 def test_transport_measurement_runs_in_a_study_and_reports(tmp_path):

@@ -116,6 +116,50 @@ def test_distributional_sw_of_a_translation_matches_its_closed_form():
     assert abs(float(location @ c) / float(c.norm())) > 0.999
 
 
+def test_distributional_sw_with_exactly_equal_means_matches_its_closed_form():
+    """y = x/2 with x of exactly zero mean: Δm = 0, so the start is e₁ (the fallback for
+    Δm/‖Δm‖), where a Householder reflection from e₁ had zero gradient and the ascent never
+    moved. W_2²(θ#μ, θ#ν) = ¼ θᵀMθ (M = XᵀX/n), so E_{vMF(ε,κ)} = ¼[(A/κ) tr M +
+    (1 − dA/κ) εᵀMε], maximal at the top eigenvector of M:
+    v-DSW_2² = ¼[(A/κ) tr M + (1 − dA/κ) λ_max(M)]."""
+    d, kappa, n = 5, 20.0, 128
+    gen = torch.Generator().manual_seed(5)
+    scale = torch.tensor([3.0, 4.0, 1.0, 1.0, 1.0], dtype=F64)
+    x = torch.round(torch.randn(n, d, generator=gen, dtype=F64) * scale)
+    x[-1] -= x.sum(0)                       # integer columns summing to 0: mean exactly 0
+    y = x / 2
+    assert torch.equal(x.mean(0), y.mean(0))
+    moment = x.T @ x / n
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment)
+    a = bessel_ratio(d, kappa)
+    truth = 0.5 * math.sqrt(a / kappa * float(moment.trace())
+                            + (1 - d * a / kappa) * float(eigenvalues[-1]))
+    value, stderr, location = distributional_sliced_wasserstein(
+        x, y, kappa=kappa, projections=2000, steps=60, seed=0, init_draws=1,
+        return_stderr=True, return_direction=True)
+    assert abs(float(location @ eigenvectors[:, -1])) > 0.99
+    assert abs(float(value) - truth) < 5 * float(stderr)
+
+
+def test_moving_the_vmf_axis_is_smooth_at_its_start():
+    """The map carrying samples around e₁ to samples around μ is differentiable at μ = e₁
+    (finite differences agree), and sends e₁ to μ."""
+    from ridgeline.transport.vmf import householder_to
+
+    base = random_directions(4, 6, seed=2, dtype=F64)
+    e1 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=F64, requires_grad=True)
+
+    def carried(mu):
+        return householder_to(base, mu / mu.norm())
+
+    assert torch.autograd.gradcheck(carried, (e1,))
+    mu = torch.tensor([0.1, -0.7, 0.2, 0.4], dtype=F64)
+    mu = mu / mu.norm()
+    moved = householder_to(torch.eye(4, dtype=F64), mu)
+    torch.testing.assert_close(moved[0], mu)
+    torch.testing.assert_close(moved @ moved.T, torch.eye(4, dtype=F64))  # orthogonal
+
+
 def test_distributional_sw_lies_between_sw_and_max_sw():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(300, 10, generator=gen, dtype=F64)

@@ -93,7 +93,9 @@ def test_control_variate_estimators_are_consistent(reference, kind):
     assert abs(float(big) - ref) < 4 * math.hypot(float(big_se), ref_se)
     small = torch.stack([sliced_wasserstein(x, y, projections=20, control_variate=kind, seed=s)
                          for s in range(30)])
-    assert abs(float(small.mean()) - ref) < 5 * float(small.std()) / math.sqrt(30) + 0.01 * ref
+    # no slack beyond the noise of the 30 estimates and of the reference itself
+    assert abs(float(small.mean()) - ref) < 4 * math.hypot(float(small.std()) / math.sqrt(30),
+                                                           ref_se)
 
 
 def test_lower_control_variate_reduces_variance_and_reports_honest_errors(reference):
@@ -295,9 +297,112 @@ def test_too_few_projections_give_nan_standard_error():
     x, y = torch.randn(10, 3), torch.randn(12, 3)
     _, se = sliced_wasserstein(x, y, projections=1, seed=0, return_stderr=True)
     assert math.isnan(float(se))
-    _, se = sliced_wasserstein(x, y, projections=2, seed=0, control_variate="lower",
+    _, se = sliced_wasserstein(x, y, projections=1, seed=0, control_variate="lower",
                                return_stderr=True)
     assert math.isnan(float(se))
+
+
+@pytest.mark.parametrize("L", [2, 3, 4])
+def test_control_variate_below_five_directions_is_the_plain_mean(L):
+    """γ needs ≥ 4 other directions to fit; below that the estimate is plain Monte Carlo."""
+    x, y = gaussian_pair(n=20, m=20, d=4)
+    plain = sliced_wasserstein(x, y, projections=L, seed=3, return_stderr=True)
+    cv = sliced_wasserstein(x, y, projections=L, seed=3, control_variate="upper",
+                            return_stderr=True)
+    assert torch.equal(plain[0], cv[0]) and torch.equal(plain[1], cv[1])
+
+
+def affine_pair(n=50, d=8, seed=0, a=0.5):
+    """x Gaussian, y = a·x + b with a > 0: every projection keeps the order of the points,
+    so W_2²(θ#μ, θ#ν) = (1/n) Σ_i (θᵀ((1−a)x_i − b))² and
+    SW_2² = (1/(n d)) Σ_i ‖(1−a)x_i − b‖² exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=F64) * torch.linspace(0.5, 2.0, d, dtype=F64)
+    b = 0.3 * torch.arange(d, dtype=F64) / d
+    y = a * x + b
+    truth = ((1 - a) * x - b).square().sum(1).mean() / d
+    return x, y, float(truth)
+
+
+def _per_direction(x, y, seeds, L, kind):
+    """W_2² and G on seeds·L directions at once, as (seeds, L) blocks (one seed a row)."""
+    theta = random_directions(x.shape[1], seeds * L, seed=1, dtype=F64)
+    values = explicit_sw_power_per_direction(x, y, theta).view(seeds, L)
+    g, eg = control_variate(x, y, theta, kind=kind)
+    return values, g.view(seeds, L), eg
+
+
+def explicit_sw_power_per_direction(x, y, directions):
+    px, py = (x @ directions.T).sort(0).values, (y @ directions.T).sort(0).values
+    return ((px - py) ** 2).mean(0)
+
+
+@pytest.mark.parametrize("kind", ["lower", "upper"])
+def test_cross_fitted_control_variate_is_unbiased_at_small_L(kind):
+    """Over 3000 seeds, small-L estimates average to plain Monte Carlo on the same
+    directions (unbiased by construction; paired, so sharply) for a Gaussian pair, and to
+    the exact SW_2² of an affine pair. Fitting γ on the directions it corrects was biased:
+    −6 % for the upper variate at L = 5 on this Gaussian pair (paired z ≈ −10)."""
+    from ridgeline.transport.control_variates import combine
+
+    seeds = 3000
+    x, y = gaussian_pair()
+    for L in (5,):
+        values, g, eg = _per_direction(x, y, seeds, L, kind)
+        paired = combine(values, g, eg)[0] - combine(values)[0]
+        assert abs(float(paired.mean())) < 4 * float(paired.std()) / math.sqrt(seeds), L
+    x, y, truth = affine_pair()
+    for L in (5, 10):
+        values, g, eg = _per_direction(x, y, seeds, L, kind)
+        estimate, _ = combine(values, g, eg)
+        stderr = float(estimate.std()) / math.sqrt(seeds)
+        assert abs(float(estimate.mean()) - truth) < 4 * stderr, (L, float(estimate.mean()))
+
+
+@pytest.mark.parametrize("kind", ["lower", "upper"])
+def test_two_standard_errors_cover_the_closed_form_at_L_5_10_100(kind):
+    """Honest standard errors against the exact SW_2² of an affine pair, 2000 seeds.
+    Measured: ±2 se covers 89–95 % at L = 5, 86–93 % at L = 10, 94–95 % at L = 100 (plain
+    Monte Carlo, whose se is exact but t-distributed at small L: 88 %, 92 %, 95 %). With γ
+    fitted in-sample and se = sd(W − γG)/√L it covered 73 % (upper) and 77 % (lower) at
+    L = 5."""
+    from ridgeline.transport.control_variates import combine
+
+    x, y, truth = affine_pair()
+    seeds = 2000
+    for L, floor in ((5, 0.85), (10, 0.84), (100, 0.93)):
+        values, g, eg = _per_direction(x, y, seeds, L, kind)
+        estimate, se = combine(values, g, eg)
+        covered = float(((estimate - truth).abs() <= 2 * se).double().mean())
+        assert floor <= covered <= 0.99, (L, covered)
+        if L == 100:  # the standard error estimates the spread of the estimate
+            assert 0.85 < float(se.median()) / float(estimate.std()) < 1.15
+
+
+def test_memory_is_estimated_before_allocating_and_an_L_that_fits_is_named():
+    """10^8 directions would need gigabytes; with a 2 MiB budget the request is refused at
+    once (nothing of that size is allocated) with the largest L that fits, and that L then
+    runs within the same budget, chunked, giving the unchunked estimate."""
+    import re
+
+    from ridgeline.errors import MemoryBudgetError
+
+    x, y = gaussian_pair(n=20, m=20, d=3)
+    with pytest.raises(MemoryBudgetError, match=r"projections=\d+") as caught:
+        sliced_wasserstein(x, y, projections=100_000_000, memory_budget="2MiB", seed=0)
+    fits = int(re.search(r"projections=(\d+)", str(caught.value)).group(1))
+    assert 1_000 < fits < 100_000
+    with pytest.raises(MemoryBudgetError):
+        sliced_wasserstein(x, y, projections=fits + 10, memory_budget="2MiB", seed=0)
+    value = sliced_wasserstein(x, y, projections=fits, memory_budget="2MiB", seed=0)
+    whole = sliced_wasserstein(x, y, projections=fits, chunk_size=fits, seed=0)
+    assert float(value) == pytest.approx(float(whole), rel=1e-10)
+    # differentiable inputs keep per-direction autograd buffers: fewer directions fit
+    with pytest.raises(MemoryBudgetError, match="differentiable"):
+        sliced_wasserstein(x.clone().requires_grad_(True), y, projections=fits,
+                           memory_budget="2MiB", seed=0)
+    with pytest.raises(ConfigError, match="memory_budget"):
+        sliced_wasserstein(x, y, projections=10, memory_budget="lots")
 
 
 def test_batched_weights_on_a_shared_cloud_match_one_at_a_time():

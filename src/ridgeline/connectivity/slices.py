@@ -163,8 +163,15 @@ def slice_directions(objective: Objective, directions: Any, dims: int, *, seed: 
                 seed, torch.Generator) else 0)
             vectors = spectrum.vectors
             extra["eigenvalues"] = [float(v) for v in spectrum.values]
-            return [unflatten(vectors[i].to(flatten(theta).dtype), theta) for i in range(dims)], \
-                "top Hessian eigenvectors (unit norm)", extra
+            # the eigenvectors live on the trainable parameters; frozen ones do not move
+            trainable = objective.params()
+            dtype = flatten(theta).dtype
+            out = []
+            for i in range(dims):
+                moving = unflatten(vectors[i].to(dtype), trainable)
+                out.append({k: moving[k] if k in moving else torch.zeros_like(v)
+                            for k, v in theta.items()})
+            return out, "top Hessian eigenvectors (unit norm)", extra
         if directions == "pca":
             if not trajectory or len(trajectory) < 2:
                 raise ConfigError("directions='pca' needs trajectory= (at least 2 checkpoints: "
@@ -223,7 +230,8 @@ def landscape_slice(model: nn.Module | Objective, data: Any = None, *,
         the norm of the matching filter of θ, biases and norm-layer parameters zeroed
         (Li et al. 2018). ``"pca"``: principal directions of ``trajectory`` around θ, each
         scaled so that the trajectory spans [−1, 1]. ``"hessian"``: the top ``dims``
-        Hessian eigenvectors (unit norm; needs ``ridgeline.curvature``). A model m gives
+        Hessian eigenvectors (unit norm; needs ``ridgeline.curvature``) of the trainable
+        parameters, zero on frozen ones (``requires_grad=False``). A model m gives
         the direction θ_m − θ (so m sits at coordinate 1); a dict or flat tensor is used as
         it is. Missing directions are filled with filter-normalised Gaussians.
     dims : {1, 2}

@@ -9,9 +9,10 @@ from ridgeline.curvature.operators import CurvatureOperator, fisher, ggn, hessia
 from ridgeline.curvature.overlap import GradientOverlap, gradient_overlap
 from ridgeline.curvature.sharpness import SharpnessResult, sharpness
 from ridgeline.curvature.spectrum import Spectrum, density, top_eigenvalues, trace
-from ridgeline.curvature.stability import EdgeOfStability
+from ridgeline.curvature.stability import EdgeOfStability, stability_threshold
 from ridgeline.linalg import SpectralDensity, TraceEstimate
 
 __all__ = ["CurvatureOperator", "hessian", "ggn", "fisher", "Spectrum", "top_eigenvalues",
            "trace", "TraceEstimate", "density", "SpectralDensity", "sharpness",
-           "SharpnessResult", "gradient_overlap", "GradientOverlap", "EdgeOfStability"]
+           "SharpnessResult", "gradient_overlap", "GradientOverlap", "EdgeOfStability",
+           "stability_threshold"]

@@ -71,9 +71,31 @@ def _times(t) -> tuple[torch.Tensor, bool]:
     return values, scalar
 
 
+TRACES = ("sum", "mean")
+
+
+def _per_output(k: torch.Tensor, o_full: int | None, trace: str | None, outputs: int,
+                name: str) -> torch.Tensor:
+    """The per-output kernel Θ of Θ ⊗ I_O from a traced kernel; a full kernel unchanged."""
+    if o_full is not None:
+        if trace is not None:
+            raise ConfigError(f"{name} is a full (N1, N2, O, O) kernel, so there is no trace to "
+                              f"undo; drop trace={trace!r} (or pass a traced (N1, N2) kernel).")
+        return k
+    if trace not in TRACES:
+        raise ConfigError(
+            f"{name} is a traced (N1, N2) kernel, so say how it was traced: trace='sum' "
+            "(empirical_ntk's default, the sum of the O per-output kernels, which taken as "
+            "the per-output kernel would make gradient flow run O times too fast) or "
+            "trace='mean' (empirical_ntk(..., trace='mean'), infinite_ntk, or any per-output "
+            f"kernel); got trace={trace!r}. Or pass the full kernel (empirical_ntk(..., "
+            "trace=None)).")
+    return k / outputs if trace == "sum" else k
+
+
 def predict_gd(k_train: torch.Tensor, y_train: torch.Tensor, *, lr: float, t,
-               f0_train: torch.Tensor | float = 0, k_test_train: torch.Tensor | None = None,
-               f0_test: torch.Tensor | float = 0):
+               trace: str | None = None, f0_train: torch.Tensor | float = 0,
+               k_test_train: torch.Tensor | None = None, f0_test: torch.Tensor | float = 0):
     """Outputs of a network trained by gradient flow on MSE, predicted from its NTK.
 
     f_t(X)  = Y + e^{−ηΘt/N} (f_0(X) − Y)
@@ -89,14 +111,19 @@ def predict_gd(k_train: torch.Tensor, y_train: torch.Tensor, *, lr: float, t,
     Parameters
     ----------
     k_train : Tensor (N, N) or (N, N, O, O)
-        NTK on the training inputs. A traced kernel is used for every output (Θ ⊗ I_O: the
-        infinite-width structure; pass ``empirical_ntk(..., trace="mean")``); a full kernel
-        couples the outputs.
+        NTK on the training inputs. A traced kernel stands for the same kernel Θ on every
+        output (Θ ⊗ I_O: the infinite-width structure); a full kernel couples the outputs.
     y_train : Tensor (N,), (N, O) or integer labels (N,) (one-hot encoded, as the mse loss does)
     lr : float
         η, the learning rate.
     t : float or sequence of float
         Training time(s) ≥ 0; ``float("inf")`` for convergence.
+    trace : {"sum", "mean"}, required for a traced kernel
+        How a traced (N, N) kernel was made: ``"sum"`` over the O outputs (the default of
+        :func:`empirical_ntk`; divided by O here) or ``"mean"`` (already the per-output
+        kernel, as :func:`infinite_ntk` gives). A traced kernel without ``trace`` is
+        refused: taking a summed kernel for the per-output one runs the flow O× too fast.
+        ``None`` (the default) for a full (N, N, O, O) kernel.
     f0_train : Tensor (N, O) or float
         Outputs at initialisation on the training inputs (0 for the centred/mean predictor).
     k_test_train : Tensor (M, N) or (M, N, O, O), optional
@@ -126,6 +153,7 @@ def predict_gd(k_train: torch.Tensor, y_train: torch.Tensor, *, lr: float, t,
         raise ShapeMismatchError(f"k_train has {o_full} outputs per example but y_train has "
                                  f"{y.shape[1]}.")
     o = y.shape[1]
+    kmat = _per_output(kmat, o_full, trace, o, "k_train")
     device = kmat.device
     y = y.to(device)
     times, scalar = _times(t)
@@ -155,6 +183,7 @@ def predict_gd(k_train: torch.Tensor, y_train: torch.Tensor, *, lr: float, t,
         raise ShapeMismatchError(f"k_test_train has shape {tuple(k_test_train.shape)}; it must be "
                                  f"(M, {n}){'' if o_full is None else f', {o_full}, {o_full}'} "
                                  "like k_train.")
+    kx = _per_output(kx, o_test, trace, o, "k_test_train")
     m = int(k_test_train.shape[0])
     g0 = _initial(f0_test, (m, o), "f0_test", device)
     # Θ⁻¹(I − e^{−ηΘt/N}) per eigenvalue: −expm1(−ηλt/N)/λ, which is ηt/N for λ = 0 (and

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -31,20 +31,20 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     name: str = "mnist1d"
     args: dict[str, Any] = Field(default_factory=dict)
-    train_subset: int | None = None
-    test_subset: int | None = None
+    train_subset: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=1)
 
 
 class TrainingConfig(_Strict):
     optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 20
-    batch_size: int = 128
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(20, ge=0)
+    batch_size: int = Field(128, ge=1)
     seed: int = 0
     loss: str = "cross_entropy"
-    scheduler: str | None = None
+    scheduler: Literal["cosine", "linear"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,22 @@ from ridgeline.models import build_model
 from ridgeline.study.config import StudyConfig
 from ridgeline.study.store import ResultStore
 
-__all__ = ["StudyContext"]
+__all__ = ["StudyContext", "checkpoint_digest"]
+
+
+def checkpoint_digest(path: Path) -> str | None:
+    """SHA-256 (16 hex digits) of a checkpoint file's bytes, or None when it is missing.
+
+    A record stores the digests of the checkpoints it was computed from; a resumed study
+    redoes it when one of them changed or is gone."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()[:16]
 
 
 class StudyContext:
@@ -33,6 +49,8 @@ class StudyContext:
                  store: ResultStore | None = None) -> None:
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         self.store = store or ResultStore(run_dir)
+        self.used_checkpoints: dict[str, str | None] = {}
+        self._digests: dict[tuple, str] = {}
 
     @property
     def seed(self) -> int:
@@ -61,6 +79,19 @@ class StudyContext:
             torch.manual_seed(cfg.init_seed)
             return build_model(cfg.factory, **cfg.args)
 
+    def checkpoint_digest(self, name: str) -> str | None:
+        """:func:`checkpoint_digest` of model ``name``'s trained checkpoint (cached while the
+        file's size and modification time stay the same)."""
+        path = self.checkpoint_path(name)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (name, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if key not in self._digests:
+            self._digests[key] = checkpoint_digest(path)
+        return self._digests[key]
+
     def initial_model(self, name: str) -> nn.Module:
         """Model ``name`` at initialisation (before training)."""
         return self.build(name).eval()
@@ -71,8 +102,10 @@ class StudyContext:
 
         path = self.checkpoint_path(name)
         if not path.exists():
-            raise CheckpointError(f"model {name!r} has no checkpoint at {path}: its 'train' "
-                                  "measurement has not run. Re-run the study; it resumes.")
+            raise CheckpointError(f"model {name!r} has no checkpoint at {path}: it was removed "
+                                  "while the study ran. Run the study again: it retrains models "
+                                  "whose checkpoint is missing and redoes what used them.")
+        self.used_checkpoints[name] = self.checkpoint_digest(name)
         return load(path, self.build(name))
 
     def record(self, measurement_id: str) -> dict[str, Any] | None:

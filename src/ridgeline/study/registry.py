@@ -43,6 +43,9 @@ class MeasurementKind:
     summary : callable (record) -> dict, optional
         A flat row of headline numbers for the report's summary table.
     description : str
+    check : callable (config, options) -> list of str, optional
+        Problems of the options against the study (e.g. a choice the options class cannot
+        express); run by :func:`ridgeline.study.validate.validate_study` before any work.
     """
 
     name: str
@@ -51,6 +54,7 @@ class MeasurementKind:
     report: Callable[[dict], str] | None = None
     summary: Callable[[dict], dict] | None = None
     description: str = ""
+    check: Callable[[Any, Any], list[str] | None] | None = None
 
     def parse_options(self, raw: dict, where: str) -> Options:
         try:
@@ -72,12 +76,14 @@ _discovered = False
 
 def register_measurement(name: str, *, options: type[Options] = Options,
                          report: Callable[[dict], str] | None = None,
-                         summary: Callable[[dict], dict] | None = None, description: str = ""):
+                         summary: Callable[[dict], dict] | None = None, description: str = "",
+                         check: Callable[[Any, Any], list[str] | None] | None = None):
     """Decorator registering ``run(context, options) -> dict`` as measurement ``name``."""
 
     def decorate(run: Callable[[Any, Any], dict]):
         _REGISTRY[name] = MeasurementKind(name, run, options, report, summary,
-                                          description or (run.__doc__ or "").strip().split("\n")[0])
+                                          description or (run.__doc__ or "").strip().split("\n")[0],
+                                          check)
         return run
 
     return decorate

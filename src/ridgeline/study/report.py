@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ridgeline.study.config import dump_toml
 from ridgeline.study.figures import section_html, table_html
 from ridgeline.study.registry import measurement_kinds
 from ridgeline.study.store import ResultStore, atomic_write_text
@@ -31,11 +32,59 @@ nav a{margin-right:.8rem} .meta{color:#57606a;font-size:.85rem}
 """
 
 
-def _record_section(record: dict, kinds: dict) -> str:
+def _flatten(tree, prefix: str = "") -> dict[str, object]:
+    """{"training.epochs": 3, "models.a.args.widths": [8], ...}; list entries with a name are
+    addressed by it."""
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) and "name" in x for x in tree):
+        out = {}
+        for item in tree:
+            out.update(_flatten({k: v for k, v in item.items() if k != "name"},
+                                f"{prefix}{item['name']}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def settings_differences(used: dict | None, current: dict | None) -> list[str]:
+    """What differs between the settings a record was computed with and the current ones,
+    as ``"training.epochs = 1 (now 2)"``; empty when either is unknown."""
+    if not used or not current:
+        return []
+    before, now = _flatten(used), _flatten(current)
+    missing = object()
+    out = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key, missing), now.get(key, missing)
+        if old != new:
+            old_text = "(absent)" if old is missing else json.dumps(old)
+            new_text = "absent" if new is missing else json.dumps(new)
+            out.append(f"{key} = {old_text} (now {new_text})")
+    return out
+
+
+def _settings_text(settings: dict) -> str:
+    try:
+        return dump_toml(settings)
+    except (TypeError, AttributeError):  # not a shape the small TOML writer knows
+        return json.dumps(settings, indent=1)
+
+
+def _record_section(record: dict, kinds: dict, current: dict | None = None) -> str:
     kind = kinds.get(record["kind"])
     meta = (f'<p class="meta">kind <code>{html.escape(record["kind"])}</code> · '
             f'{record.get("duration_s", 0):.1f} s · options '
             f'<code>{html.escape(json.dumps(record.get("options", {})))}</code></p>')
+    if record.get("settings") is not None:
+        meta += ('<details class="meta"><summary>computed with these study settings</summary>'
+                 f'<pre>{html.escape(_settings_text(record["settings"]))}</pre></details>')
+    differences = settings_differences(record.get("settings"), current)
+    if differences:
+        meta += ('<p class="error">computed with other study settings than the current '
+                 f'configuration: {html.escape("; ".join(differences))}</p>')
     if kind is None or kind.report is None:
         body = f"<pre>{html.escape(json.dumps(record.get('result'), indent=1)[:20000])}</pre>"
     else:
@@ -48,9 +97,11 @@ def _record_section(record: dict, kinds: dict) -> str:
 
 def render_report(run_dir: str | Path) -> str:
     """The report's HTML for the records in ``run_dir/results.jsonl``."""
-    records = list(ResultStore(run_dir).latest().values())
+    store = ResultStore(run_dir)
+    records = list({r["id"]: r for r in store.records()}.values())
     kinds = measurement_kinds()
-    study = next((r for r in records if r["kind"] == "study"), None)
+    study = next((r for r in records if r["kind"] == "study"), None)  # the newest config
+    current = study["result"].get("settings") if study else None
     measured = [r for r in records if r["kind"] != "study" and r.get("status") == "ok"]
     name = study["result"]["name"] if study else Path(run_dir).name
     description = study["result"].get("description", "") if study else ""
@@ -70,16 +121,25 @@ def render_report(run_dir: str | Path) -> str:
     parts = [f"<header><h1>ridgeline study: {html.escape(name)}</h1>"
              f"<p>{html.escape(description)}</p>"
              f"<p>{len(measured)} measurements · report written "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p></header><main>",
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
+             + (f'<p>{store.unreadable} unreadable line(s) of results.jsonl were skipped</p>'
+                if store.unreadable else "") + "</header><main>",
              f"<nav>{nav}</nav>",
              section_html("Summary", summary_html or "<p>No measurements yet.</p>", anchor="summary")]
-    parts += [_record_section(r, kinds) for r in measured]
+    parts += [_record_section(r, kinds, current) for r in measured]
     if study:
         env = study["result"].get("environment", {})
+        older = [{"measurement": r["id"], "computed with": "; ".join(diff)} for r in measured
+                 if (diff := settings_differences(r.get("settings"), current))]
+        older_html = ("<h3>Measurements computed with other settings</h3>"
+                      "<p>These records are from an earlier configuration (they are no longer "
+                      "planned, or were not yet redone):</p>" + table_html(older)) if older else ""
         parts.append(section_html(
             "Configuration and environment",
             table_html([{"key": k, "value": str(v)} for k, v in env.items()]) +
-            f"<pre>{html.escape(study['result'].get('config_text', ''))}</pre>", anchor="config"))
+            "<h3>Current configuration</h3>"
+            f"<pre>{html.escape(study['result'].get('config_text', ''))}</pre>" + older_html,
+            anchor="config"))
     parts.append("</main>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>ridgeline · {html.escape(name)}</title><style>{_CSS}</style></head><body>"

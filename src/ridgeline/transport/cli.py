@@ -45,6 +45,9 @@ def register(app: typer.Typer) -> None:
         use_max: bool = typer.Option(False, "--max", help="Max-sliced Wasserstein: optimise "
                                      "the direction instead of averaging."),
         steps: int = typer.Option(100, "--steps", help="Ascent steps for --max."),
+        memory_budget: str | None = typer.Option(
+            None, "--memory-budget", help="Memory the estimate may use, e.g. 4GiB (default: "
+            "half the available memory); larger requests are refused before any work."),
     ) -> None:
         """Sliced Wasserstein distance SW_p between two point clouds (estimate ± std. error)."""
         from ridgeline.cli import fail
@@ -61,7 +64,8 @@ def register(app: typer.Typer) -> None:
                            f"{steps} ascent steps, n={a.shape[0]}, m={b.shape[0]})")
                 return
             value, stderr = sliced_wasserstein(a, b, projections=projections, p=p,
-                                               control_variate=cv, seed=seed, return_stderr=True)
+                                               control_variate=cv, seed=seed, return_stderr=True,
+                                               memory_budget=memory_budget)
         except RidgelineError as exc:
             fail(exc)
         label = "plain Monte Carlo" if cv is None else f"{cv} control variate"

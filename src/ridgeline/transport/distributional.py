@@ -11,7 +11,7 @@ from ridgeline.transport.inputs import check_p, prepare_pair
 from ridgeline.transport.projections import check_count, generator_for
 from ridgeline.transport.sliced import root_stderr
 from ridgeline.transport.sphere import initial_direction, projected_power, sphere_ascent
-from ridgeline.transport.vmf import check_kappa, householder_to, vmf_base
+from ridgeline.transport.vmf import check_kappa, householder_to, move_axis, vmf_base
 from ridgeline.transport.wasserstein1d import safe_root
 
 __all__ = ["distributional_sliced_wasserstein"]
@@ -28,9 +28,11 @@ def distributional_sliced_wasserstein(
     v-DSW_p(μ, ν) = max_{ε ∈ S^{d−1}} (E_{θ ~ vMF(ε, κ)} W_p^p(θ#μ, θ#ν))^{1/p}: a slicing
     distribution concentrated (κ) around an optimised location ε, between SW (κ = 0) and
     max-SW (κ → ∞). ε is optimised by Riemannian gradient ascent on a fixed sample of L
-    vMF directions reparameterised by a Householder reflection (θ = H(ε) θ₀, θ₀ ~
-    vMF(e₁, κ) drawn once: a deterministic sample-average objective, so backtracking
-    applies). The value is then re-estimated on L fresh vMF(ε*, κ) directions, an unbiased
+    vMF directions reparameterised by an orthogonal map (θ = R(ε) θ₀ with θ₀ ~
+    vMF(ε₀, κ) drawn once around the start ε₀ and R(ε) = −(I − 2uuᵀ), u = (ε₀ + ε)/‖ε₀ + ε‖,
+    smooth in ε away from −ε₀: a deterministic sample-average objective, so backtracking
+    applies; a Householder reflection from e₁ had zero gradient at ε = e₁, where the start
+    falls when the two means are equal). The value is then re-estimated on L fresh vMF(ε*, κ) directions, an unbiased
     estimate of E_{vMF(ε*, κ)} W_p^p for the fixed ε*, differentiable in ``x`` and ``y``.
 
     Parameters
@@ -74,11 +76,13 @@ def distributional_sliced_wasserstein(
     detached = clouds.detach()
     gen = generator_for(seed)
     d, dtype, device = clouds.dim, clouds.x.dtype, clouds.x.device
-    location = initial_direction(detached, p, check_count(init_draws, "init_draws"), gen)
-    fixed = vmf_base(d, kappa, L, gen).to(device=device, dtype=dtype)
+    start = initial_direction(detached, p, check_count(init_draws, "init_draws"), gen)
+    # the fixed sample sits around the start and is carried from there to ε: smooth in ε
+    # everywhere but at −start, so the ascent never starts at a point of zero gradient
+    fixed = householder_to(vmf_base(d, kappa, L, gen).to(device=device, dtype=dtype), start)
     location, _, _ = sphere_ascent(
-        lambda eps: projected_power(detached, householder_to(fixed, eps), p).mean(-1),
-        location, steps=steps, lr=float(lr))
+        lambda eps: projected_power(detached, move_axis(fixed, start, eps), p).mean(-1),
+        start, steps=steps, lr=float(lr))
     fresh = householder_to(vmf_base(d, kappa, L, gen).to(device=device, dtype=dtype), location)
     power, power_stderr = combine(projected_power(clouds, fresh, p))
     outputs: tuple[torch.Tensor, ...] = (safe_root(power, p).to(clouds.out_dtype),)

@@ -10,7 +10,7 @@ from ridgeline.errors import ConfigError, ShapeMismatchError
 from ridgeline.transport.inputs import check_number
 from ridgeline.transport.projections import check_count, generator_for
 
-__all__ = ["vmf_directions", "vmf_base", "householder_to", "check_kappa"]
+__all__ = ["vmf_directions", "vmf_base", "householder_to", "move_axis", "check_kappa"]
 
 _MAX_ROUNDS = 10_000
 
@@ -62,9 +62,39 @@ def vmf_base(d: int, kappa: float, L: int, gen: torch.Generator) -> torch.Tensor
     return torch.cat([w.unsqueeze(-1), (1 - w * w).clamp_min(0).sqrt().unsqueeze(-1) * v], -1)
 
 
+def move_axis(base: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Apply the orthogonal map R = −(I − 2uuᵀ), u = (s + t)/‖s + t‖, which sends the unit
+    vector s = ``source`` to t = ``target`` (R s = t), to every row of ``base``.
+
+    Unlike the Householder reflection I − 2vvᵀ with v = (s − t)/‖s − t‖, whose direction v
+    is undefined at t = s (so its derivative in t vanishes there and an optimiser started
+    at t = s never moves), R is smooth in t everywhere except at the antipode t = −s,
+    where the plain reflection (well defined there, R s = −s) is used. Samples of vMF(s, κ)
+    become samples of vMF(t, κ), since vMF(s, κ) is invariant under every orthogonal map
+    that fixes s.
+
+    Parameters
+    ----------
+    base : Tensor (L, d) or (..., L, d)
+    source, target : Tensor (..., d), unit norm
+
+    Returns
+    -------
+    Tensor (..., L, d)
+    """
+    u = source + target
+    norm = u.norm(dim=-1, keepdim=True)
+    antipode = norm <= 1e-12
+    safe = torch.where(antipode, torch.ones_like(norm), norm)
+    u = torch.where(antipode, source, u / safe).unsqueeze(-2)       # (..., 1, d)
+    sign = torch.where(antipode, 1.0, -1.0).to(base.dtype).unsqueeze(-2)
+    return sign * (base - 2 * (base * u).sum(-1, keepdim=True) * u)
+
+
 def householder_to(base: torch.Tensor, mean_direction: torch.Tensor) -> torch.Tensor:
-    """Reflect samples around e₁ onto samples around μ: H = I − 2uuᵀ, u = (e₁ − μ)/‖e₁ − μ‖,
-    so H e₁ = μ; differentiable in μ (the reparameterisation of v-DSW).
+    """Carry samples around e₁ onto samples around μ: :func:`move_axis` from e₁ to μ,
+    R = −(I − 2uuᵀ), u = (e₁ + μ)/‖e₁ + μ‖, so R e₁ = μ; differentiable in μ everywhere
+    but μ = −e₁ (the reparameterisation of v-DSW).
 
     Parameters
     ----------
@@ -77,12 +107,7 @@ def householder_to(base: torch.Tensor, mean_direction: torch.Tensor) -> torch.Te
     """
     e1 = torch.zeros_like(mean_direction)
     e1[..., 0] = 1
-    u = e1 - mean_direction
-    norm = u.norm(dim=-1, keepdim=True)
-    near = norm <= 1e-12
-    u = torch.where(near, torch.zeros_like(u), u / torch.where(near, torch.ones_like(norm), norm))
-    u = u.unsqueeze(-2)                                              # (..., 1, d)
-    return base - 2 * (base * u).sum(-1, keepdim=True) * u
+    return move_axis(base, e1, mean_direction)
 
 
 def check_kappa(kappa: float) -> float:

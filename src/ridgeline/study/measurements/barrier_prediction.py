@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
+
+from pydantic import Field
 
 from ridgeline.study.figures import figure_html, fmt, new_figure, table_html
 from ridgeline.study.registry import Options, register_measurement
 
 
 class BarrierPredictionOptions(Options):
-    models: list[str] = ["a", "b"]
-    layers: str = "module"  # "module" (weight and bias together) or "tensor"
+    models: list[str] = Field(["a", "b"], min_length=2, max_length=2)  # the two compared
+    layers: Literal["module", "tensor"] = "module"  # "module" (weight and bias together) or "tensor"
     points: int = 25
     split: str = "train"
     subset: int | None = None
-    align: str | None = None  # align B to A first: None, "weights" or "activations"
+    align: Literal["weights", "activations"] | None = None  # align B to A first: None, "weights" or "activations"
 
 
 def _summary(record: dict) -> dict:

@@ -4,16 +4,19 @@ models, their barriers, and layer-wise barriers."""
 from __future__ import annotations
 
 import html
+from typing import Literal
+
+from pydantic import Field
 
 from ridgeline.study.figures import figure_html, fmt, new_figure, table_html
 from ridgeline.study.registry import Options, register_measurement
 
 
 class ConnectivityOptions(Options):
-    models: list[str] = ["a", "b"]
+    models: list[str] = Field(["a", "b"], min_length=2, max_length=2)  # the two compared
     points: int = 25
     splits: list[str] = ["train", "test"]
-    align: list[str] = ["weights", "activations"]
+    align: list[Literal["weights", "activations"]] = ["weights", "activations"]
     layerwise: bool = True
     layerwise_points: int = 11
     reset_bn: bool = True

@@ -101,7 +101,16 @@ def _report(record: dict) -> str:
             + _training_figure(result) + table_html(train_rows))
 
 
+def _check(config, options: ForwardGradientOptions) -> list[str]:
+    from ridgeline.gradients.guesses import GUESS_NAMES
+
+    return [f"{field}: unknown guess {name!r}; the guesses are {list(GUESS_NAMES)}"
+            for field in ("guesses", "train_guesses") for name in getattr(options, field)
+            if name not in GUESS_NAMES]
+
+
 @register_measurement("forward_gradient", options=ForwardGradientOptions, report=_report,
+                      check=_check,
                       summary=_summary,
                       description="Forward gradients: guess quality, training, time per step.")
 def run(ctx, options: ForwardGradientOptions) -> dict:

@@ -53,7 +53,27 @@ def _fraction(result: dict) -> float | None:
     return None if result["d_int90"] is None else result["d_int90"] / result["num_params"]
 
 
+def _check(config, options: IntrinsicDimensionOptions) -> list[str]:
+    from ridgeline.subspace import PROJECTIONS
+
+    problems = []
+    if options.projection not in PROJECTIONS:
+        problems.append(f"projection: unknown projection {options.projection!r}; the "
+                        f"projections are {sorted(PROJECTIONS)}")
+    if options.search not in ("grid", "bisect"):
+        problems.append(f"search must be 'grid' or 'bisect', got {options.search!r}")
+    import importlib
+
+    training = importlib.import_module("ridgeline.train")
+    training._load_method_plugins()
+    if options.optimizer not in training.TRAINING_METHODS:
+        problems.append(f"optimizer: unknown optimizer {options.optimizer!r}; the optimizers "
+                        f"are {sorted(training.TRAINING_METHODS)}")
+    return problems
+
+
 @register_measurement("intrinsic_dimension", options=IntrinsicDimensionOptions, report=_report,
+                      check=_check,
                       summary=_summary,
                       description="Accuracy vs subspace dimension d and d_int90 (Li et al. 2018).")
 def run_intrinsic_dimension(ctx, options: IntrinsicDimensionOptions) -> dict:

@@ -54,7 +54,7 @@ def _regression(model, train, test, options: NTKOptions, progress: bool) -> dict
     joint = empirical_ntk(model, x, trace="mean", memory_budget=options.memory_budget,
                           progress=progress)
     train_pred, test_pred = predict_gd(joint[:n, :n], train.targets, lr=1.0, t=math.inf,
-                                       k_test_train=joint[n:, :n])
+                                       trace="mean", k_test_train=joint[n:, :n])
     classes = train_pred.shape[1]
     y_test = torch.nn.functional.one_hot(test.targets, classes).to(test_pred.dtype)
     y_train = torch.nn.functional.one_hot(train.targets, classes).to(train_pred.dtype)

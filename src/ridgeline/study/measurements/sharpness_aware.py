@@ -232,7 +232,20 @@ def _report(record: dict) -> str:
     return table_html(_table_rows(result)) + figure_html(fig, caption=caption) + notes
 
 
+def _check(config, options: SharpnessAwareOptions) -> list[str]:
+    import importlib
+
+    training = importlib.import_module("ridgeline.train")
+    training._load_method_plugins()
+    known = training.TRAINING_METHODS
+    return [f"{field}: unknown training method {m!r}; the methods are {sorted(known)}"
+            for field, names in (("methods", options.methods),
+                                 ("method_options", options.method_options))
+            for m in names if m not in known]
+
+
 @register_measurement("sharpness_aware", options=SharpnessAwareOptions, report=_report,
+                      check=_check,
                       summary=_summary,
                       description="SGD vs SAM, ASAM, SAF and MESA on one model under one budget.")
 def run_sharpness_aware(ctx, options: SharpnessAwareOptions) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from ridgeline.study.figures import figure_html, new_figure, table_html
 from ridgeline.study.registry import Options, register_measurement
@@ -10,7 +11,7 @@ from ridgeline.study.registry import Options, register_measurement
 
 class SliceOptions(Options):
     model: str = "a"
-    directions: str = "filter"  # "filter", "hessian" or "models" (toward `others`)
+    directions: Literal["filter", "hessian", "models"] = "filter"  # "filter", "hessian" or "models" (toward `others`)
     others: list[str] = []
     dims: int = 2
     span: float = 1.0
@@ -56,7 +57,16 @@ def _report(record: dict) -> str:
     return figure_html(fig, caption=caption) + table_html([_summary(record)])
 
 
+def _check(config, options: SliceOptions) -> list[str]:
+    if options.directions == "models" and not options.others:
+        return ["directions = 'models' needs others = [model names] (one or two)"]
+    if options.directions == "models" and len(options.others) > 2:
+        return [f"a slice has at most two directions; others = {options.others}"]
+    return []
+
+
 @register_measurement("slice", options=SliceOptions, report=_report, summary=_summary,
+                      check=_check,
                       description="A 1-D/2-D slice of the loss landscape around a model.")
 def run_slice(ctx, options: SliceOptions) -> dict:
     """Evaluate θ + x d1 + y d2 on a grid (filter-normalised, Hessian or model directions)."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 
+from pydantic import Field
+
 from ridgeline.study.figures import figure_html, fmt, new_figure, table_html
 from ridgeline.study.registry import Options, register_measurement
 
 
 class TransportOptions(Options):
-    models: list[str] = ["a", "b"]
+    models: list[str] = Field(["a", "b"], min_length=2, max_length=2)  # the two compared
     layer: str | None = None          # default: the last hidden layer (child before the last)
     split: str = "test"               # inputs whose representations are compared
     classes: list[int] = [0, 1]       # class-conditional clouds of the training inputs
