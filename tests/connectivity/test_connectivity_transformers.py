@@ -128,13 +128,17 @@ def test_gpt2_spec_names_the_tied_unembedding_once_and_reads_the_fused_qkv_as_se
     assert spec.structure[parts[0]][1] == spec.structure[parts[2]][1]  # one head order
 
 
-def test_activation_matching_recovers_a_head_permutation_of_the_ridgeline_transformer():
+@pytest.mark.parametrize("name", ["ridgeline", "gpt2-eager", "mha", "vit-sdpa"])
+def test_activation_matching_recovers_a_random_head_permutation(name):
     torch.manual_seed(0)
-    model, x = _ridgeline()
-    model = model.double()
-    spec = permutation_spec(model, example_input=x.double())
+    model, x = MODELS[name]()
+    model = model.double().eval()
+    if x.is_floating_point():
+        x = x.double()
+    spec = permutation_spec(model, example_input=x)
     permuted = permute_model(model, spec, _random_permutation(spec, seed=3))
-    data = torch.randn(256, 40, dtype=torch.float64)
+    data = (torch.randint(0, 40, (64, *x.shape[1:])) if not x.is_floating_point()
+            else torch.randn(64, *x.shape[1:], dtype=torch.float64))
     result = align(model, permuted, method="activations", data=data)
     assert result.function_relative_error <= 1e-5
     aligned = dict(result.model.named_parameters())
@@ -231,3 +235,33 @@ def test_weight_matching_started_at_the_answer_stays_there_with_heads():
                                               init=first)
     assert converged and len(trace) == 1
     assert all(torch.equal(first[p], again[p]) for p in spec.perms)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llama_rmsnorm_rotary_and_grouped_query_attention(kv_heads):
+    """Rotary embeddings keep the query/key features in place (heads still move); grouped-
+    query attention keeps the heads in place; RMSNorm scales follow the residual stream."""
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads,
+                                   vocab_size=40, max_position_embeddings=32,
+                                   attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model, x = transformers.LlamaForCausalLM(cfg).double().eval(), torch.randint(0, 40, (2, 7))
+    spec = permutation_spec(model, example_input=x)
+    residual = spec.axes["model.norm.weight"][0]
+    assert residual is not None
+    assert spec.axes["model.layers.0.input_layernorm.weight"] == (residual,)
+    if kv_heads == 4:
+        qk = spec.axes["model.layers.0.self_attn.q_proj.weight"][0]
+        assert spec.structure[qk][1] is not None and spec.structure[qk][4] is False
+        assert any("rotary" in note for note in spec.notes)
+    else:
+        assert spec.axes["model.layers.0.self_attn.q_proj.weight"][0] is None
+        assert any("grouped-query" in note for note in spec.notes)
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=5))
+    ref = _out(model, x)
+    # LlamaRMSNorm computes in float32 whatever the model's dtype: round-off ~1e-8
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    result = align(model, permuted, example_input=x)
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key

@@ -590,7 +590,9 @@ class _Tracer:
                         changed = True
                         self.notes.append(f"the {label} axis of a split of {_sizes} features "
                                           "also appears on its own (on a parameter, or split "
-                                          "again): it is left unpermuted")
+                                          "again, as when grouped-query attention repeats its "
+                                          "key/value heads): it is left unpermuted; pass spec= "
+                                          "by hand to permute it")
                 outer, inner = uf.find(outer), uf.find(inner)
                 if inner != fixed and (outer == fixed or any(
                         inner in roots and outer not in roots for roots in values)):
