@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ridgeline.connectivity import align, permutation_spec
+from ridgeline.connectivity import align, coerce_spec, permutation_spec
 from ridgeline.connectivity.alignment import permute_model
 from ridgeline.connectivity.heads import StructuredState
 from ridgeline.models import transformer
@@ -126,6 +126,8 @@ def test_gpt2_spec_names_the_tied_unembedding_once_and_reads_the_fused_qkv_as_se
     out_in = spec.axes["transformer.h.0.attn.c_proj.weight"][0]  # Conv1D: (in, out)
     assert out_in == parts[2]
     assert spec.structure[parts[0]][1] == spec.structure[parts[2]][1]  # one head order
+    again = coerce_spec(spec, model)  # a structured spec passed back in keeps its structure
+    assert again.structure == spec.structure and again.perms == spec.perms
 
 
 @pytest.mark.parametrize("name", ["ridgeline", "gpt2-eager", "mha", "vit-sdpa"])
