@@ -32,14 +32,14 @@ def test_a_measurement_naming_a_missing_model_is_refused_before_training(tmp_pat
 def test_unknown_names_are_refused_with_the_valid_choices(tmp_path):
     config = tiny()
     config["data"] = {"name": "mnist2d"}
-    config["models"][0]["factory"] = "transformer"
+    config["models"][0]["factory"] = "perceiver"
     config["training"]["optimizer"] = "adagrad"
     config["measurements"].append({"kind": "wieghts_sum"})
     message = _refused(tmp_path, config)
     assert "4 problems" in message
     assert "data.name: unknown dataset 'mnist2d'; the datasets are" in message
     assert "'digits'" in message and "'mnist1d'" in message
-    assert "models.a.factory: unknown model factory 'transformer'; the factories are" in message
+    assert "models.a.factory: unknown model factory 'perceiver'; the factories are" in message
     assert "'mlp'" in message
     assert "unknown optimizer 'adagrad'; the optimizers are" in message and "'sam'" in message
     assert "unknown measurement kind 'wieghts_sum'; the kinds are" in message
