@@ -1095,9 +1095,10 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     names = [*params, *buffers]
 
-    # Hugging Face models are traced as called (their default cache is created inside the
-    # traced call and only indexed; use_cache=False sends GPT-2 in transformers 5 down a
-    # data-dependent mask path that make_fx cannot record)
+    # Hugging Face models are traced as called: their default cache is created inside the
+    # traced call and only indexed, while use_cache=False makes transformers 5's
+    # create_causal_mask search the position ids for packed sequences
+    # (find_packed_sequence_indices), a data-dependent branch make_fx cannot record
     kwargs: dict[str, Any] = {}
 
     def forward(p, b, x):
