@@ -267,3 +267,43 @@ def test_llama_rmsnorm_rotary_and_grouped_query_attention(kv_heads):
     result = align(model, permuted, example_input=x)
     for key, value in model.named_parameters():
         assert torch.equal(dict(result.model.named_parameters())[key], value), key
+
+
+def test_an_input_the_model_does_not_accept_is_refused_before_tracing():
+    from ridgeline.errors import ShapeMismatchError
+
+    model, _ = _gpt2()
+    with pytest.raises(ShapeMismatchError, match="cannot be applied"):
+        align(model, model, example_input=torch.randn(2, 7))  # floats, not token ids
+
+
+def test_a_hand_written_spec_with_heads_matches_the_traced_one():
+    from ridgeline.connectivity import PermutationSpec
+    from ridgeline.models.transformer import SelfAttention
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Linear(3, 8), SelfAttention(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            z = self.embed(x)
+            return self.head((z + self.attn(z)).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Net().double(), torch.randn(3, 5, 3, dtype=torch.float64)
+    axes = {"embed.weight": ("R", None), "embed.bias": ("R",), "head.weight": (None, "R"),
+            "head.bias": (None,), "attn.out.weight": ("R", "VO"), "attn.out.bias": ("R",)}
+    for name, perm in (("q", "QK"), ("k", "QK"), ("v", "VO")):
+        axes[f"attn.{name}.weight"], axes[f"attn.{name}.bias"] = (perm, "R"), (perm,)
+    spec = PermutationSpec({"R": 8, "QK": 8, "VO": 8}, axes,
+                           structure={"QK": ("heads", "H", 2, 4, True),
+                                      "VO": ("heads", "H", 2, 4, True)})
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=6))
+    result = align(model, permuted, spec=spec, example_input=x)
+    assert result.function_relative_error <= 1e-12
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key
+    traced = permutation_spec(model, example_input=x)
+    assert sorted(e for e in traced.structure.values()) == [
+        ("heads", next(iter(traced.head_groups)), 2, 4, True)] * 2
