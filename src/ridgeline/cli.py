@@ -137,6 +137,21 @@ def report(run_dir: Path = typer.Argument(..., help="A study's run directory."))
 
     if not (run_dir / "results.jsonl").exists():
         fail(FileNotFoundError(f"{run_dir / 'results.jsonl'} does not exist; run a study first."))
+    if importlib.util.find_spec("ridgeline.sweep") is not None:
+        from ridgeline.sweep import is_sweep, refresh_correlation, write_sweep_report
+
+        if is_sweep(run_dir):  # a sweep: bring its correlation record up to date
+            from ridgeline.errors import RunInUseError
+            from ridgeline.study.lock import RunLock
+
+            try:
+                with RunLock(run_dir):  # the driver is the only writer while it runs
+                    refresh_correlation(run_dir)
+            except RunInUseError:
+                typer.echo("the sweep is still running: report from the records so far, "
+                           "correlation record not refreshed")
+            typer.echo(f"report: {write_sweep_report(run_dir).resolve()}")
+            return
     typer.echo(f"report: {write_report(run_dir).resolve()}")
 
 

@@ -21,8 +21,8 @@ forward gradients — runs under :func:`differentiable_attention`, which selects
 backend (plain matmul and softmax, whose derivatives of every order exist) only for
 models that call ``scaled_dot_product_attention``; results then carry
 :data:`ATTENTION_NOTE` in their notes. First-order work (losses, gradients, training,
-paths) keeps the default backends. Dropout is off in eval mode (the default of every ``Objective``), so attention
-dropout is too.
+paths) keeps the default backends. Dropout is off in eval mode (the default of every
+``Objective``), so attention dropout is too.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch.overrides import TorchFunctionMode
 
 from ridgeline.errors import ShapeMismatchError
 
-__all__ = ["as_logits", "uses_attention", "AttentionRecorder", "differentiable_attention", "ATTENTION_NOTE"]
+__all__ = ["as_logits", "uses_attention", "model_uses_attention", "remember_attention",
+           "AttentionRecorder", "differentiable_attention", "ATTENTION_NOTE"]
 
 #: the note results carry when attention products ran on the MATH backend
 ATTENTION_NOTE = ("model calls F.scaled_dot_product_attention: products that need forward "
@@ -82,15 +83,6 @@ def as_logits(output: Any) -> torch.Tensor:
     raise ShapeMismatchError(
         f"the model returned a {type(output).__name__}; ridgeline needs a tensor, a dict or "
         "ModelOutput with 'logits', or a tuple whose first element is the logits.")
-
-
-def logits_call(fn: Callable[..., Any]) -> Callable[..., torch.Tensor]:
-    """``fn`` with its result reduced by :func:`as_logits`."""
-
-    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return as_logits(fn(*args, **kwargs))
-
-    return call
 
 
 class AttentionRecorder(TorchFunctionMode):

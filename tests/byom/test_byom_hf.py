@@ -196,9 +196,29 @@ def test_path_between_two_models_has_exact_endpoints(family):
     model_a, model_b = build(family, seed=0), build(family, seed=1)
     x, y = data(family, n=5)
     path = interpolate(model_a, model_b, (x, y), points=3)
-    assert path.losses[0] == pytest.approx(float(hand_loss(model_a, x, y)), rel=1e-12)
-    assert path.losses[-1] == pytest.approx(float(hand_loss(model_b, x, y)), rel=1e-12)
+    assert path.losses[0] == pytest.approx(float(hand_loss(model_a, x, y).detach()), rel=1e-12)
+    assert path.losses[-1] == pytest.approx(float(hand_loss(model_b, x, y).detach()), rel=1e-12)
     mid = build(family, "eager")
     mid.load_state_dict({k: (model_a.state_dict()[k] + v) / 2 if v.is_floating_point() else v
                          for k, v in model_b.state_dict().items()})
-    assert path.losses[1] == pytest.approx(float(hand_loss(mid, x, y)), rel=1e-10)
+    assert path.losses[1] == pytest.approx(float(hand_loss(mid, x, y).detach()), rel=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdpa_and_eager_attention_give_the_same_hessian_products(family):
+    """attn_implementation="sdpa" (MATH backend switched on, noted) and "eager" (plain
+    matmul-softmax, nothing to switch, no note) are the same function: same H v."""
+    from ridgeline.curvature import hessian
+
+    model = build(family)
+    twin = eager_copy(model, family)
+    x, y = data(family, n=3)
+    sdpa_op, eager_op = hessian(model, (x, y)), hessian(twin, (x, y))
+    assert ATTENTION_NOTE in sdpa_op.notes and ATTENTION_NOTE not in eager_op.notes
+    v = torch.randn(sdpa_op.shape[0], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    sdpa_hv, eager_hv = sdpa_op.matvec(v), eager_op.matvec(v)
+    # HF's eager attention takes its softmax in float32 even for a float64 model (ViT's
+    # outputs then differ by ~1e-9): compare at that precision, relative to the largest entry
+    torch.testing.assert_close(sdpa_hv, eager_hv, rtol=1e-6,
+                               atol=1e-7 * float(sdpa_hv.abs().max()))

@@ -113,7 +113,8 @@ def test_dataset_mean_weights_batches_by_tokens_that_count_equals_explicit_hessi
         out = torch.func.functional_call(model, params, (x,))
         logp = torch.log_softmax(out, dim=-1)
         keep = y != -100
-        return -(logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep).sum() / keep.sum()
+        picked = logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return -(picked * keep).sum() / keep.sum()
 
     dense = torch.autograd.functional.hessian(loss_of, flat0)
     operator = hessian(objective)
@@ -164,3 +165,22 @@ def test_subspace_model_of_layers_without_bias_equals_the_model_at_z_zero():
     model = nn.Sequential(nn.Conv1d(1, 3, 3, bias=False), nn.Flatten(), nn.Linear(3 * 6, 2))
     x = torch.randn(4, 1, 8)
     torch.testing.assert_close(SubspaceModel(model, dim=5)(x), model(x))
+
+
+def test_recorded_hessian_blocks_by_is_grads_batched_equal_single_products():
+    """The accelerator path of the cached Hessian (is_grads_batched), run on the CPU, against
+    one product per vector."""
+    from ridgeline.curvature.operators import _RecordedGradient
+
+    torch.manual_seed(0)
+    model = Wrapped().double()
+    x, y = tokens(n=5)
+    objective = Objective(model, (x, y))
+    params = objective.params()
+    recorded = _RecordedGradient(objective, {}, params, x, y)
+    block = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in params.items()}
+    together = recorded._product(block, batched=True)
+    for i in range(3):
+        one = recorded({n: t[i] for n, t in block.items()})
+        for name in params:
+            torch.testing.assert_close(together[name][i], one[name], rtol=1e-12, atol=1e-14)

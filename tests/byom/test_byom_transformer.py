@@ -49,14 +49,16 @@ def test_cls_pooling_and_no_norm_variants_run():
 
 
 def test_bad_arguments_are_refused_with_what_fits():
-    with pytest.raises(ConfigError, match=r"patch=3 does not divide in_features=40.*\[1, 2, 4, 5, 8\]"):
+    with pytest.raises(ConfigError,
+                       match=r"patch=3 does not divide in_features=40.*\[1, 2, 4, 5, 8\]"):
         transformer(40, 10, patch=3)
     with pytest.raises(ConfigError, match="width=30 is not divisible by heads=4"):
         transformer(40, 10, width=30)
     with pytest.raises(ConfigError, match="pool must be 'mean' or 'cls'"):
         transformer(40, 10, pool="max")
     with pytest.raises(ShapeMismatchError, match="reads 12 features per example but got 16"):
-        Objective(tiny(), (torch.randn(4, 16, dtype=torch.float64), torch.zeros(4, dtype=torch.long)))
+        Objective(tiny(), (torch.randn(4, 16, dtype=torch.float64),
+                           torch.zeros(4, dtype=torch.long)))
 
 
 def test_top_eigenvalue_equals_dense_autograd_hessian_through_sdpa():
@@ -79,7 +81,7 @@ def test_top_eigenvalue_equals_dense_autograd_hessian_through_sdpa():
         return torch.nn.functional.cross_entropy(out, y)
 
     with sdpa_kernel([SDPBackend.MATH]):  # the truth needs a double backward too
-        dense = torch.autograd.functional.hessian(loss_of, flat0)
+        dense = torch.autograd.functional.hessian(loss_of, flat0, vectorize=True)
     truth = torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)[:2]
     torch.testing.assert_close(spectrum.values, truth, rtol=1e-7, atol=1e-10)
 

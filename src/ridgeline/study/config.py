@@ -84,6 +84,7 @@ class StudyConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)
     measurements: list[MeasurementConfig] = Field(default_factory=list)
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sweep: dict[str, Any] | None = None  # validated by ridgeline.sweep (grid × seeds)
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:

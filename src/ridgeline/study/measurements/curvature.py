@@ -87,6 +87,7 @@ def _summary(record: dict) -> dict:
             row[f"trace ({name})"] = res["trace"]["value"]
         if "sharpness" in res:
             row[f"worst sharpness ({name})"] = res["sharpness"]["worst"]["value"]
+            row[f"average sharpness ({name})"] = res["sharpness"]["average"]["value"]
         if "overlap" in res:
             row[f"grad overlap ({name})"] = res["overlap"]["value"]
     return row
