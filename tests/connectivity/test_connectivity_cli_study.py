@@ -29,6 +29,7 @@ def test_connect_prints_naive_and_aligned_barriers(tmp_path):
     assert result.exit_code == 0, result.output
     assert "naive" in result.output and "aligned (weights)" in result.output
     assert "removes" in result.output
+    assert "computes B's function: max |f_B(x) − f_πB(x)| =" in result.output
     assert plot.exists()
     bad = CliRunner().invoke(app, ["connect", *paths, "--data", str(tmp_path / "data.npz"),
                                    "--align", "nonsense"])
@@ -76,4 +77,4 @@ def test_connectivity_measurement_aligns_a_transformer_pair_and_reports(tmp_path
     assert "connectivity" in outcome.ran
     text = (tmp_path / "report.html").read_text()
     assert "aligned (weights)" in text and "aligned (activations)" in text
-    assert "layer-wise barriers" in text
+    assert "layer-wise barriers" in text and "max |f_B − f_πB|" in text
