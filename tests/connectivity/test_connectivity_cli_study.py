@@ -29,6 +29,7 @@ def test_connect_prints_naive_and_aligned_barriers(tmp_path):
     assert result.exit_code == 0, result.output
     assert "naive" in result.output and "aligned (weights)" in result.output
     assert "removes" in result.output
+    assert "computes B's function: max |f_B(x) − f_πB(x)| =" in result.output
     assert plot.exists()
     bad = CliRunner().invoke(app, ["connect", *paths, "--data", str(tmp_path / "data.npz"),
                                    "--align", "nonsense"])
@@ -55,3 +56,25 @@ def test_measurements_run_in_a_tiny_study_and_report(tmp_path):
     for needle in ("loss along (1−α)θA + αθB", "layer-wise barriers", "loss landscape",
                    "Spearman"):
         assert needle in text, needle
+
+
+def test_connectivity_measurement_aligns_a_transformer_pair_and_reports(tmp_path):
+    """The default study's transformer pair, shrunk: aligned paths, layer-wise barriers and
+    the function-preservation numbers in the report's data."""
+    config = config_from_dict({
+        "name": "tiny-transformers",
+        "data": {"name": "gaussian_mixture", "args": {"num_samples": 120, "dim": 8, "num_classes": 3}},
+        "training": {"epochs": 1, "batch_size": 40},
+        "models": [{"name": n, "factory": "transformer", "init_seed": s, "training": {"seed": s},
+                    "args": {"in_features": 8, "out_features": 3, "patch": 2, "width": 8,
+                             "depth": 1, "heads": 2}}
+                   for n, s in (("t1", 1), ("t2", 2))],
+        "measurements": [{"kind": "connectivity", "points": 3, "layerwise_points": 3,
+                          "models": ["t1", "t2"],
+                          "align": ["weights", "activations"]}],
+    })
+    outcome = run_study(config, tmp_path, progress=False)
+    assert "connectivity" in outcome.ran
+    text = (tmp_path / "report.html").read_text()
+    assert "aligned (weights)" in text and "aligned (activations)" in text
+    assert "layer-wise barriers" in text and "max |f_B − f_πB|" in text

@@ -78,6 +78,15 @@ class AlignmentResult:
     initial_objective: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     unmatched: tuple[str, ...] = ()
+    function_error: float | None = None
+    function_scale: float | None = None
+
+    @property
+    def function_relative_error(self) -> float | None:
+        """max |f_B(x) − f_πB(x)| / max |f_B(x)| on the example batch."""
+        if self.function_error is None or self.function_scale is None:
+            return None
+        return self.function_error / max(self.function_scale, 1e-300)
 
     @property
     def changed_units(self) -> int:
@@ -91,7 +100,8 @@ class AlignmentResult:
                 "changed_units": self.changed_units,
                 "permutation_sizes": {k: int(v.numel()) for k, v in self.permutations.items()},
                 "permutations": {k: v.tolist() for k, v in self.permutations.items()},
-                "notes": list(self.notes), "unmatched": list(self.unmatched)}
+                "notes": list(self.notes), "unmatched": list(self.unmatched),
+                "function_error": self.function_error, "function_scale": self.function_scale}
 
     def plot(self, ax=None):
         """The matching objective after each pass."""
@@ -151,6 +161,11 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     ----------
     Ainsworth, Hayase & Srinivasa (2023), "Git Re-Basin", Algorithm 1.
     """
+    if spec.structure:  # attention heads, fused projections
+        from .heads import structured_weight_matching
+
+        return structured_weight_matching(params_a, params_b, spec, max_iter=max_iter, tol=tol,
+                                          seed=seed, init=init)
     rng = np.random.default_rng(None if seed is None else int(seed) if not isinstance(
         seed, torch.Generator) else int(seed.initial_seed()))
     names = [k for k in params_a]
@@ -374,6 +389,9 @@ def _match_activations(model_a: nn.Module, model_b: nn.Module, data: Any, spec: 
             for axis, root in enumerate(axes):
                 if root in tr.labels and spec.axes.get(name, ())[axis:axis + 1] not in ((), (None,)):
                     renamed.setdefault(tr.labels[root], spec.axes[name][axis])
+        for label in tr.labels.values():  # structured parts carried by no parameter
+            if label in spec.perms:
+                renamed.setdefault(label, label)
         sites = {renamed[label]: items
                  for label, items in _site_nodes(tr.graph_module, tr.tracer, tr.labels).items()
                  if label in renamed}
@@ -396,6 +414,16 @@ def _match_activations(model_a: nn.Module, model_b: nn.Module, data: Any, spec: 
     perms: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
     total = 0.0
+    if spec.structure:  # heads and segments: assignments over heads, then within them
+        from .heads import distribute_costs, solve_costs
+
+        corrs = {perm: acc.correlation() for perm, acc in moments.items()}
+        costs = distribute_costs(spec, corrs)
+        perms = solve_costs(spec, costs)
+        unmatched = [p for p in spec.perms if p not in costs and not any(
+            p in e[1] for e in spec.structure.values() if e[0] == "cat")]
+        total = sum(float(c[torch.arange(c.shape[0]), perms[p]].sum()) for p, c in corrs.items())
+        return perms, total, unmatched
     for perm, n in spec.perms.items():
         if perm not in moments:
             perms[perm] = torch.arange(n)
@@ -471,9 +499,15 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
         first = traced(model_a, batch)
         spec = first.spec
     elif spec is None:
+        if example_input is None:
+            from .permutation_spec import guess_example_input
+
+            example_input = guess_example_input(model_a)
         spec = permutation_spec(model_a, example_input=example_input)
     else:
         spec = coerce_spec(spec, model_a)
+    if spec.head_groups and spec.source == "traced":
+        _check_same_heads(spec, model_b, example_input)
     params_a = {k: v.detach() for k, v in model_a.named_parameters()}
     params_b = {k: v.detach() for k, v in model_b.named_parameters()}
     initial = _inner(params_a, params_b)
@@ -489,6 +523,41 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
     if method == "activations" and unmatched:
         notes += (unmatched_note(unmatched),)
     aligned = permute_model(model_b, spec, perms)
+    error, scale = function_change(model_b, aligned, example_input)
     return AlignmentResult(aligned, perms, iterations, tuple(trace_values), converged, method,
                            spec, time.perf_counter() - began, initial, notes,
-                           tuple(unmatched) if method == "activations" else ())
+                           tuple(unmatched) if method == "activations" else (), error, scale)
+
+
+def _heads(spec: PermutationSpec) -> list[tuple[int, int]]:
+    return sorted((int(e[2]), int(e[3])) for e in spec.structure.values() if e[0] == "heads")
+
+
+def _check_same_heads(spec_a: PermutationSpec, model_b: nn.Module,
+                      inputs: torch.Tensor | None) -> None:
+    """Models with equal shapes may still split their features into different heads."""
+    try:
+        spec_b = permutation_spec(model_b, example_input=inputs)
+    except Exception:  # noqa: BLE001 - B traced like A; a failure here is reported by A's trace
+        return
+    if _heads(spec_a) != _heads(spec_b):
+        raise ConfigError(
+            f"models A and B split their attention features into different heads: A has "
+            f"(heads, features per head) {_heads(spec_a)}, B has {_heads(spec_b)}. Heads can "
+            "only be matched between models with the same head counts; align models built "
+            "with the same configuration.")
+
+
+def function_change(model_b: nn.Module, aligned: nn.Module, inputs: torch.Tensor | None
+                    ) -> tuple[float | None, float | None]:
+    """(max |f_B(x) − f_πB(x)|, max |f_B(x)|) on the example batch: the permuted model must
+    compute B's function, so the first number is round-off (None without an input)."""
+    from ridgeline.objective import module_mode
+    from ridgeline.outputs import as_logits
+
+    if inputs is None:
+        return None, None
+    with torch.no_grad(), module_mode(model_b, False), module_mode(aligned, False):
+        out_b = as_logits(model_b(inputs)).double()
+        out_p = as_logits(aligned(inputs)).double()
+    return float((out_b - out_p).abs().max()), float(out_b.abs().max())

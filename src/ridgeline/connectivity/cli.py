@@ -93,6 +93,10 @@ def register(app: typer.Typer) -> None:
         if aligned is not None:
             typer.echo(f"alignment: {aligned.iterations} passes, {aligned.changed_units} units moved, "
                        f"{aligned.seconds:.2f} s")
+            if aligned.function_error is not None:
+                typer.echo(f"aligned B computes B's function: max |f_B(x) − f_πB(x)| = "
+                           f"{aligned.function_error:.3g} (max |f_B(x)| = "
+                           f"{aligned.function_scale:.3g}) on the example batch")
         if len(paths) == 2 and paths[0].barrier > 0:
             typer.echo(f"alignment removes {100 * (1 - paths[1].barrier / paths[0].barrier):.1f} % "
                        "of the barrier")

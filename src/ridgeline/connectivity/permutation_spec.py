@@ -29,6 +29,7 @@ from torch import nn
 from ridgeline.errors import ConfigError, UnsupportedOperationError
 
 __all__ = ["PermutationSpec", "permutation_spec", "coerce_spec", "apply_permutations",
+           "expand_permutations",
            "guess_example_input", "spec_for", "trace", "traced", "Traced",
            "SPEC_HELP"]
 
@@ -50,12 +51,32 @@ class PermutationSpec:
         Permutation name → its size (the number of units it permutes).
     axes : dict[str, tuple[str | None, ...]]
         Tensor name → one entry per axis: the permutation acting on it, or ``None``.
+    source : str
+        ``"traced"`` or ``"manual"``.
+    notes : tuple[str, ...]
+        What the tracer left unpermuted and why.
+    structure : dict[str, tuple]
+        Permutations that are not free, by name (absent: a free permutation):
+
+        * ``("heads", group, H, d, within)``: an axis of H·d features read as H attention
+          heads of d features (unit ``h·d + j``). The heads move as wholes under the head
+          permutation ``group`` (shared by every permutation naming it: Q and K's
+          query/key features and V's and the output projection's value features of one
+          attention layer), ``None`` when the heads stay in place; with ``within`` true
+          each head's d features are permuted too (one permutation per head), else not.
+        * ``("cat", parts, sizes)``: an axis made of consecutive segments (a fused QKV
+          projection); segment j has ``sizes[j]`` units under permutation ``parts[j]``
+          (``None``: unpermuted). A permutation may be a segment of several axes.
+
+        Every permutation in ``perms`` is applied as one flat reordering of its axis
+        (:func:`expand_permutations` builds the flat ones from heads and segments).
     """
 
     perms: dict[str, int]
     axes: dict[str, tuple[str | None, ...]]
     source: str = "manual"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    structure: dict[str, tuple] = field(default_factory=dict)
 
     def perm_to_axes(self, names: Sequence[str] | None = None) -> dict[str, list[tuple[str, int]]]:
         """Permutation → the (tensor, axis) pairs it acts on (optionally only ``names``)."""
@@ -72,7 +93,20 @@ class PermutationSpec:
     def to_dict(self) -> dict:
         return {"perms": dict(self.perms),
                 "axes": {k: list(v) for k, v in self.axes.items()},
-                "source": self.source, "notes": list(self.notes)}
+                "source": self.source, "notes": list(self.notes),
+                "structure": {k: [list(x) if isinstance(x, tuple) else x for x in v]
+                              for k, v in self.structure.items()}}
+
+    @property
+    def head_groups(self) -> dict[str, int]:
+        """Head permutation name → number of heads."""
+        return {entry[1]: int(entry[2]) for entry in self.structure.values()
+                if entry[0] == "heads" and entry[1] is not None}
+
+    @property
+    def free(self) -> list[str]:
+        """Permutations with no structure (each one solved as one assignment)."""
+        return [p for p in self.perms if p not in self.structure]
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}:{v}" for k, v in self.perms.items())
@@ -127,9 +161,80 @@ def coerce_spec(spec: PermutationSpec | Mapping[str, Sequence[str | None]],
                                   f"'{name}' {tuple(tensor.shape)}.")
         axes[name] = tuple(None if p is None else str(p) for p in entry)
     if isinstance(spec, PermutationSpec):
-        return PermutationSpec({p: sizes[p] for p in spec.perms if p in sizes}, axes, spec.source,
-                               spec.notes)
+        kept = {p: sizes.get(p, n) for p, n in spec.perms.items()
+                if p in sizes or _referenced(spec.structure, p)}
+        _check_structure(spec.structure, kept)
+        return PermutationSpec(kept, axes, spec.source, spec.notes, dict(spec.structure))
     return PermutationSpec(sizes, axes, "manual")
+
+
+def _referenced(structure: Mapping[str, tuple], name: str) -> bool:
+    return name in structure or any(e[0] == "cat" and name in e[1] for e in structure.values())
+
+
+def _structured_size(entry: tuple) -> int:
+    if entry[0] == "heads":
+        return int(entry[2]) * int(entry[3])
+    return int(sum(entry[2]))
+
+
+def _check_structure(structure: Mapping[str, tuple], sizes: Mapping[str, int]) -> None:
+    for name, entry in structure.items():
+        if entry[0] not in ("heads", "cat"):
+            raise ConfigError(f"structure of '{name}' must be ('heads', group, H, d, within) or "
+                              f"('cat', parts, sizes); got {entry!r}.")
+        if name in sizes and sizes[name] != _structured_size(entry):
+            raise ConfigError(f"permutation '{name}' acts on axes of {sizes[name]} units but its "
+                              f"structure {entry!r} has {_structured_size(entry)}.")
+        if entry[0] == "cat":
+            for part, size in zip(entry[1], entry[2]):
+                if part is not None and sizes.get(part, size) != size:
+                    raise ConfigError(f"segment '{part}' of '{name}' has {size} units but "
+                                      f"permutes {sizes[part]} elsewhere.")
+
+
+def expand_permutations(spec: PermutationSpec, free: Mapping[str, torch.Tensor],
+                        heads: Mapping[str, torch.Tensor] | None = None,
+                        within: Mapping[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """The flat permutation of every permutation of the spec, from its free parts.
+
+    ``free``: free permutation name → LongTensor; ``heads``: head group → LongTensor σ of
+    the H heads; ``within``: ("heads" permutation) name → (H, d) LongTensor τ. Missing
+    entries are the identity. A "heads" permutation is ``perm[h·d + j] = σ[h]·d + τ[h, j]``
+    (head h of the result is head σ[h] of the input, its feature j that head's feature
+    τ[h, j]); a "cat" permutation is its segments' permutations, offset, end to end.
+    """
+    heads, within = dict(heads or {}), dict(within or {})
+    out: dict[str, torch.Tensor] = {}
+
+    def flat(name: str | None, size: int) -> torch.Tensor:
+        if name is None:
+            return torch.arange(size)
+        if name in out:
+            return out[name]
+        entry = spec.structure.get(name)
+        if entry is None:
+            value = torch.as_tensor(free[name]).long() if name in free else torch.arange(size)
+        elif entry[0] == "heads":
+            _, group, h, d, has_within = entry
+            sigma = (torch.as_tensor(heads[group]).long() if group is not None and group in heads
+                     else torch.arange(h))
+            tau = (torch.as_tensor(within[name]).long().reshape(h, d)
+                   if has_within and name in within else torch.arange(d).expand(h, d))
+            value = (sigma[:, None] * d + tau).reshape(-1)
+        else:
+            pieces, offset = [], 0
+            for part, part_size in zip(entry[1], entry[2]):
+                pieces.append(flat(part, int(part_size)) + offset)
+                offset += int(part_size)
+            value = torch.cat(pieces)
+        out[name] = value
+        return value
+
+    for name, size in spec.perms.items():
+        flat(name, size)
+    return out
 
 
 def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
@@ -152,12 +257,20 @@ def apply_permutations(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
 
 # ----------------------------------------------------------------------------- tracing
 class _UnionFind:
-    """Variables for tensor axes; variable 0 is FIXED (the identity permutation)."""
+    """Variables for tensor axes; variable 0 is FIXED (the identity permutation).
+
+    A class may carry a structure: ``("prod", (outer, inner), (n_outer, n_inner))`` for an
+    axis that a reshape splits into two (unit ``o·n_inner + i`` is unit ``i`` of block
+    ``o``, e.g. heads × head dimension), or ``("cat", parts, sizes)`` for an axis that a
+    split/chunk cuts into consecutive segments (a fused QKV projection). Unifying two
+    structured classes unifies their parts; structures that disagree fix both.
+    """
 
     FIXED = 0
 
     def __init__(self) -> None:
         self.parent = [0]
+        self.struct: dict[int, tuple[str, tuple[int, ...], tuple[int, ...]]] = {}
 
     def new(self) -> int:
         self.parent.append(len(self.parent))
@@ -172,15 +285,44 @@ class _UnionFind:
         return root
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if rb == self.FIXED:
-            ra, rb = rb, ra
-        self.parent[rb] = ra  # FIXED, when involved, stays the root
+        work = [(a, b)]
+        while work:
+            a, b = work.pop()
+            ra, rb = self.find(a), self.find(b)
+            if ra == rb:
+                continue
+            if rb == self.FIXED:
+                ra, rb = rb, ra
+            self.parent[rb] = ra  # FIXED, when involved, stays the root
+            sa, sb = self.struct.pop(ra, None), self.struct.pop(rb, None)
+            if ra == self.FIXED:  # a fixed axis fixes every part of its structure
+                work.extend((v, self.FIXED) for s in (sa, sb) if s for v in s[1])
+            elif sa is not None and sb is not None:
+                if sa[0] == sb[0] and sa[2] == sb[2]:
+                    self.struct[ra] = sa
+                    work.extend(zip(sa[1], sb[1]))
+                else:  # two incompatible structures on one axis: leave it all unpermuted
+                    work.append((ra, self.FIXED))
+                    work.extend((v, self.FIXED) for v in (*sa[1], *sb[1]))
+            elif sa is not None or sb is not None:
+                self.struct[ra] = sa if sa is not None else sb
 
     def fix(self, a: int) -> None:
         self.union(a, self.FIXED)
+
+    def structure(self, a: int, kind: str, parts: Sequence[int], sizes: Sequence[int]) -> None:
+        """Declare that axis class ``a`` is made of ``parts`` (see the class docstring)."""
+        root = self.find(a)
+        if root == self.FIXED:
+            for v in parts:
+                self.fix(v)
+            return
+        helper = self.new()
+        self.struct[helper] = (kind, tuple(parts), tuple(int(s) for s in sizes))
+        self.union(root, helper)
+
+    def root_struct(self, a: int) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+        return self.struct.get(self.find(a))
 
 
 _UNARY = {
@@ -208,8 +350,28 @@ _RESHAPE = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "flatten"
             "_reshape_alias", "unflatten"}
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "prod", "var_mean",
            "std_mean", "max", "min", "norm", "linalg_vector_norm"}
+_ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+              "_scaled_dot_product_fused_attention_overrideable",
+              "_scaled_dot_product_attention_math_for_mps", "_native_multi_head_attention"}
+#: ops on integer/boolean data (ids, positions, masks; float too for those whose result is
+#: an index or a mask): they touch no hidden unit
+_INDEX_ONLY = {"argmax", "argmin", "argsort", "sort", "topk", "cumsum", "nonzero", "bitwise_and",
+               "bitwise_or", "bitwise_not", "bitwise_xor", "logical_not", "logical_xor", "any",
+               "all", "isinf", "isnan", "isfinite", "tril", "triu", "searchsorted",
+               "bucketize", "_unsafe_index", "diff", "vmap_tril", "__and__", "__or__"}
+_INDEX_RESULT = {"argmax", "argmin", "argsort", "isinf", "isnan", "isfinite"}
+#: ops that gather along axes: understood only on integer data (ids, positions)
+_INDEXING = {"gather", "index", "index_select", "take", "take_along_dim", "scatter",
+             "index_put", "index_put_", "masked_select"}
 _IGNORE = {"sym_size", "sym_numel", "sym_stride", "_assert_async", "_assert_scalar",
            "sym_constrain_range_for_size", "_local_scalar_dense"}
+
+
+def _is_float(node: Any) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
 
 
 def _op_name(target: Any) -> str:
@@ -253,6 +415,30 @@ def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]
     return groups
 
 
+def _atoms(src: list[int], dst: list[int]) -> list[int] | None:
+    """The common refinement of two factorisations of one size into consecutive factors
+    (e.g. [N, H·d] and [N·H, d] → [N, H, d]); None when the cuts do not nest."""
+    cuts = set()
+    for sizes in (src, dst):
+        product = 1
+        for size in sizes:
+            product *= size
+            cuts.add(product)
+    atoms, last = [], 1
+    for cut in sorted(cuts):
+        if cut % last:
+            return None
+        atoms.append(cut // last)
+        last = cut
+    for sizes in (src, dst):  # every axis must be a run of whole atoms
+        product = 1
+        for size in sizes:
+            product *= size
+            if product not in cuts:
+                return None
+    return atoms
+
+
 class _Tracer:
     """Walks a make_fx graph and assigns union-find variables to every tensor axis."""
 
@@ -262,6 +448,10 @@ class _Tracer:
         self.vars: dict[Any, Any] = {}
         self.names = names
         self.notes: list[str] = []
+        #: outer part of a reshape split → (split axis, outer, inner, sizes)
+        self.outer_of: dict[int, tuple[int, int, int, tuple[int, int]]] = {}
+        #: split axis → (outer, inner, sizes, {block index: segment variable})
+        self.selected: dict[int, tuple[int, int, tuple[int, int], dict[int, int]]] = {}
 
     # -- helpers
     def fresh(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -331,6 +521,87 @@ class _Tracer:
                 raise UnsupportedOperationError(
                     f"cannot analyse graph node {node.format_node()} ({node.op}). " + SPEC_HELP)
 
+    def finish(self) -> None:
+        """Settle the structured axes (heads, fused projections) conservatively.
+
+        A ("prod", (heads, dims)) axis keeps its head permutation only when the head axis
+        appears on no parameter by itself, and its within-head permutation (one per head)
+        only when the head dimension appears on no parameter by itself and every value
+        carrying it also carries the head axis (so each head's dimensions may move on
+        their own); otherwise that part is fixed. Fixed parts never break the function."""
+        uf, fixed = self.uf, self.uf.FIXED
+        params = [n for n in self.gm.graph.nodes if n.op == "placeholder"][:len(self.names)]
+        # a (k·E) axis reshaped to (k, E) whose k blocks are each selected (MHA's packed
+        # in-projection): the blocks are segments, each with its own permutation
+        for root, (outer, inner, sizes, chosen) in self.selected.items():
+            if (len(chosen) == sizes[0] and uf.find(root) != fixed and uf.root_struct(root)
+                    and uf.root_struct(root)[0] == "prod"
+                    and [uf.find(v) for v in uf.root_struct(root)[1]] == [uf.find(outer),
+                                                                          uf.find(inner)]):
+                uf.struct[uf.find(root)] = ("cat", tuple(chosen[j] for j in range(sizes[0])),
+                                            (sizes[1],) * sizes[0])
+                uf.fix(outer)
+            else:
+                for v in chosen.values():
+                    uf.fix(v)
+        changed = True
+        while changed:
+            changed = False
+            groups: dict[tuple, int] = {}
+            for root, (kind, parts, sizes) in list(uf.struct.items()):
+                if uf.find(root) != root or root == fixed:
+                    continue  # one structure, one permutation: merge duplicates
+                key = (kind, tuple(uf.find(v) for v in parts), sizes)
+                if key in groups and uf.find(groups[key]) != root:
+                    uf.union(groups[key], root)
+                    changed = True
+                groups.setdefault(key, root)
+            exposed = {uf.find(v) for node in params for v in self.vars.get(node, ())}
+
+            def closure(roots: set[int]) -> set[int]:
+                todo = list(roots)
+                while todo:
+                    entry = uf.struct.get(todo.pop())
+                    for part in entry[1] if entry else ():
+                        if uf.find(part) not in roots:
+                            roots.add(uf.find(part))
+                            todo.append(uf.find(part))
+                return roots
+
+            relevant = closure(set(exposed))
+            values = []
+            for value in self.vars.values():
+                for item in (value if isinstance(value, list) else [value]):
+                    if isinstance(item, tuple):
+                        values.append(closure({uf.find(v) for v in item}))
+            for root, (kind, parts, _sizes) in list(uf.struct.items()):
+                if uf.find(root) != root or root == fixed or root not in relevant:
+                    continue
+                found = [uf.find(v) for v in parts]
+                if kind == "cat":
+                    if all(r == fixed for r in found):
+                        uf.fix(root)
+                        changed = True
+                    continue
+                outer, inner = found
+                for part, label in ((outer, "head"), (inner, "within-head")):
+                    if part != fixed and (part in exposed or part in uf.struct):
+                        uf.fix(part)
+                        changed = True
+                        self.notes.append(f"the {label} axis of a split of {_sizes} features "
+                                          "also appears on its own (on a parameter, or split "
+                                          "again, as when grouped-query attention repeats its "
+                                          "key/value heads): it is left unpermuted; pass spec= "
+                                          "by hand to permute it")
+                outer, inner = uf.find(outer), uf.find(inner)
+                if inner != fixed and (outer == fixed or any(
+                        inner in roots and outer not in roots for roots in values)):
+                    uf.fix(inner)  # the dims cannot move head by head: left unpermuted
+                    changed = True
+                if outer == fixed and uf.find(inner) == fixed:
+                    uf.fix(root)
+                    changed = True
+
     def call(self, node: Any, shape: tuple[int, ...] | None) -> Any:
         target = node.target
         if target is operator.getitem:
@@ -388,6 +659,31 @@ class _Tracer:
                 return self.fixed(shape[:-1]) + (weight[1],)
         if name in ("slice", "select", "narrow"):
             return self.slicing(name, node, x, shape)
+        if name in ("split", "split_with_sizes", "chunk", "unsafe_split",
+                    "unsafe_split_with_sizes", "tensor_split"):
+            return self.split(node, x)
+        if name == "unbind":
+            return self.unbind(node, x)
+        if name in _ATTENTION:
+            return self.attention(name, node)
+        if ((name in _INDEX_ONLY and (not _is_float(args[0]) or name in _INDEX_RESULT))
+                or (name in _INDEXING and (name != "index_select" or not _is_float(args[0])))):
+            # ops that only index (ids of tokens and positions, masks, caches) touch no
+            # hidden unit
+            for arg in self.tensor_args(node):
+                self.fix_all(arg)
+            return self.fixed(shape) if shape is not None else self._fixed_outputs(node)
+        if name == "index_select" and x is not None:
+            dim = int(args[1]) % len(x)
+            self.uf.fix(x[dim])
+            self.fix_all(args[2])
+            return tuple(self.uf.FIXED if a == dim else v for a, v in enumerate(x))
+        if name in ("rms_norm", "_fused_rms_norm") and x is not None:
+            weight = self.of(args[2]) if len(args) > 2 else None
+            if weight is not None:
+                for axis, v in enumerate(weight):
+                    self.uf.union(v, x[len(x) - len(weight) + axis])
+            return self._norm_outputs(node, x)
         if name == "prelu":
             weight = self.of(args[1])
             if weight is not None and len(weight) == 1 and _shape(args[1])[0] > 1 and x is not None:
@@ -396,6 +692,109 @@ class _Tracer:
         raise UnsupportedOperationError(
             f"permutation_spec cannot analyse the operation aten.{name} (graph node "
             f"'{node.name}'); it does not know how hidden units flow through it. " + SPEC_HELP)
+
+    def _fixed_outputs(self, node: Any) -> Any:
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            return [self.fixed(tuple(v.shape)) if isinstance(v, torch.Tensor) else None
+                    for v in val]
+        return None
+
+    def split(self, node: Any, x: tuple[int, ...] | None) -> Any:
+        """split/chunk of one axis into consecutive segments: the axis carries a ("cat", …)
+        structure whose parts are the segments' axes (a fused QKV projection)."""
+        val = node.meta.get("val")
+        if x is None or not isinstance(val, (tuple, list)):
+            return None
+        name = _op_name(node.target)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if name == "tensor_split":
+            self.fix_all(x)
+            return [self.fixed(tuple(v.shape)) for v in val]
+        dim = int(dim) % len(x)
+        sizes = [int(v.shape[dim]) for v in val]
+        parts = [self.uf.new() for _ in val]
+        self.uf.structure(x[dim], "cat", parts, sizes)
+        return [tuple(parts[i] if a == dim else v for a, v in enumerate(x))
+                for i in range(len(val))]
+
+    def unbind(self, node: Any, x: tuple[int, ...] | None) -> Any:
+        val = node.meta.get("val")
+        if x is None or not isinstance(val, (tuple, list)):
+            return None
+        dim = int(node.args[1]) % len(x) if len(node.args) > 1 else 0
+        self.uf.fix(x[dim])
+        return [tuple(v for a, v in enumerate(x) if a != dim) for _ in val]
+
+    def attention(self, name: str, node: Any) -> Any:
+        """softmax(Q Kᵀ/√d + mask) V over (…, heads, positions, dims) operands, any backend:
+        batch and head axes of Q, K, V and the output are tied, Q's and K's last axes are
+        contracted (tied), K's and V's positions are tied, V's last axis is the output's.
+        With fewer K/V heads than Q heads (grouped-query attention) the heads are left
+        unpermuted."""
+        if name == "_native_multi_head_attention":
+            return self.native_mha(node)
+        q, k, v = (self.of(a) for a in node.args[:3])
+        sq, sk, sv = (_shape(a) for a in node.args[:3])
+        val = node.meta.get("val")
+        out_shape = tuple((val[0] if isinstance(val, (tuple, list)) else val).shape)
+        if q is None or k is None or v is None:
+            for a in node.args[:3]:
+                self.fix_all(a)
+            out = self.fixed(out_shape)
+        else:
+            lead = len(sq) - 2
+            for axis in range(lead):
+                if sq[axis] == sk[axis] == sv[axis]:
+                    self.uf.union(q[axis], k[axis])
+                    self.uf.union(k[axis], v[axis])
+                else:  # grouped-query attention or broadcasting over heads
+                    for t in (q, k, v):
+                        self.uf.fix(t[axis])
+                    self.notes.append(f"attention '{node.name}' has {sq[axis]} query but "
+                                      f"{sk[axis]} key/value heads (grouped-query): its heads "
+                                      "are left unpermuted")
+            self.uf.union(q[-1], k[-1])
+            self.uf.union(k[-2], v[-2])
+            out = tuple(q[:-1]) + (v[-1],)
+        for arg in [*node.args[3:], *node.kwargs.values()]:
+            if isinstance(arg, torch.fx.Node) and self.of(arg) is not None:
+                self.fix_all(arg)  # masks and biases of the scores index positions only
+        if isinstance(val, (tuple, list)):
+            return [out] + [self.fresh(tuple(t.shape)) if isinstance(t, torch.Tensor) else None
+                            for t in val[1:]]
+        return out
+
+    def native_mha(self, node: Any) -> Any:
+        """torch._native_multi_head_attention (nn.MultiheadAttention's fast path): a fused
+        (3E, E) in-projection, heads of E/H features, an (E, E) out-projection."""
+        args = node.args
+        query, key, value = (self.of(a) for a in args[:3])
+        embed, heads = int(args[3]), int(args[4])
+        w_in, b_in, w_out, b_out = (self.of(a) for a in args[5:9])
+        d = embed // heads
+        head, qk, vo = self.uf.new(), self.uf.new(), self.uf.new()
+        qk_flat, vo_flat = self.uf.new(), self.uf.new()
+        self.uf.structure(qk_flat, "prod", (head, qk), (heads, d))
+        self.uf.structure(vo_flat, "prod", (head, vo), (heads, d))
+        self.uf.structure(w_in[0], "cat", (qk_flat, qk_flat, vo_flat), (embed,) * 3)
+        if b_in is not None:
+            self.uf.union(b_in[0], w_in[0])
+        if not (args[0] is args[1] is args[2]):
+            for t in (key, value):
+                if t is not None:
+                    self.fix_all(t)
+        self.uf.union(query[-1], w_in[1])
+        self.uf.union(w_out[1], vo_flat)
+        if b_out is not None:
+            self.uf.union(b_out[0], w_out[0])
+        for arg in args[9:]:
+            if isinstance(arg, torch.fx.Node) and self.of(arg) is not None:
+                self.fix_all(arg)
+        out = tuple(query[:-1]) + (w_out[0],)
+        val = node.meta.get("val")
+        return [out] + [self.fresh(tuple(t.shape)) if isinstance(t, torch.Tensor) else None
+                        for t in val[1:]]
 
     def broadcast(self, node: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Elementwise ops with broadcasting: equal-size aligned axes are tied together."""
@@ -437,14 +836,42 @@ class _Tracer:
         for ga, gb in groups:
             if len(ga) == 1 and len(gb) == 1:
                 out[gb[0]] = x[ga[0]]
-            else:
-                # axes merged or split: a permutation of one factor is not a permutation of
-                # the merged axis, so units on either side are left unpermuted
+                continue
+            # axes split or merged: cut both sides into common factors ("atoms"); an axis
+            # made of two atoms carries a ("prod", ...) structure, so that e.g. the H·d
+            # features of a projection are seen as H heads of d features each
+            atoms = _atoms([src[a] for a in ga], [dst[b] for b in gb])
+            if atoms is None:
                 for a in ga:
                     self.uf.fix(x[a])
                 for b in gb:
                     self.uf.fix(out[b])
+                continue
+            atom_vars = [self.uf.new() for _ in atoms]
+            for side, axes, sizes in ((x, ga, src), (out, gb, dst)):
+                first = 0
+                for axis in axes:
+                    count, product = 0, 1
+                    while product < sizes[axis]:
+                        product *= atoms[first + count]
+                        count += 1
+                    self.compose(side[axis], atom_vars[first:first + count],
+                                 atoms[first:first + count])
+                    first += count
         return tuple(out)
+
+    def compose(self, var: int, parts: list[int], sizes: list[int]) -> None:
+        """Tie ``var`` to the product of ``parts`` (left-nested for more than two)."""
+        if len(parts) == 1:
+            self.uf.union(var, parts[0])
+            return
+        outer, outer_size = parts[0], sizes[0]
+        for part, size in zip(parts[1:-1], sizes[1:-1]):
+            merged = self.uf.new()
+            self.uf.structure(merged, "prod", (outer, part), (outer_size, size))
+            outer, outer_size = merged, outer_size * size
+        self.uf.structure(var, "prod", (outer, parts[-1]), (outer_size, sizes[-1]))
+        self.outer_of[self.uf.find(outer)] = (var, outer, parts[-1], (outer_size, sizes[-1]))
 
     def matmul(self, name: str, node: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
         args = node.args
@@ -609,9 +1036,20 @@ class _Tracer:
         if x is None:
             return None
         dim = int(node.args[1]) % len(x) if len(node.args) > 1 else 0
-        self.uf.fix(x[dim])
+        owner = next((o for k, o in self.outer_of.items()
+                      if self.uf.find(k) == self.uf.find(x[dim]) != self.uf.FIXED), None)
+        if owner is None or name != "select":
+            self.uf.fix(x[dim])  # else fixed in finish(), after every block is selected
         if name == "select":
-            return tuple(v for a, v in enumerate(x) if a != dim)
+            out = tuple(v for a, v in enumerate(x) if a != dim)
+            if owner is not None and isinstance(node.args[2], int):
+                root, outer, inner, sizes = owner
+                if self.uf.find(inner) in {self.uf.find(v) for v in out}:
+                    entry = self.selected.setdefault(root, (outer, inner, sizes, {}))
+                    segment = entry[3].setdefault(int(node.args[2]) % sizes[0], self.uf.new())
+                    return tuple(segment if self.uf.find(v) == self.uf.find(inner) else v
+                                 for v in out)
+            return out
         out = list(x)
         out[dim] = self.uf.FIXED
         return tuple(out)
@@ -657,8 +1095,14 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     names = [*params, *buffers]
 
+    # Hugging Face models are traced as called: their default cache is created inside the
+    # traced call and only indexed, while use_cache=False makes transformers 5's
+    # create_causal_mask search the position ids for packed sequences
+    # (find_packed_sequence_indices), a data-dependent branch make_fx cannot record
+    kwargs: dict[str, Any] = {}
+
     def forward(p, b, x):
-        return as_logits(functional_call(model, (p, b), (x,)))
+        return as_logits(functional_call(model, (p, b), (x,), kwargs))
 
     try:
         with module_mode(model, False), torch.no_grad():
@@ -670,12 +1114,15 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
             "(a batch the model accepts) or spec= by hand. " + SPEC_HELP) from exc
     tracer = _Tracer(graph_module, names)
     tracer.run()
+    tracer.finish()
     return graph_module, tracer, names
 
 
 def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[str],
-                 placeholders: list[Any]) -> tuple[dict[int, str], dict[str, tuple[int, ...]]]:
-    """Root variable → a readable permutation name (after the first tensor it permutes)."""
+                 placeholders: list[Any]
+                 ) -> tuple[dict[int, str], dict[str, tuple[int, ...]], dict[str, tuple]]:
+    """Root variable → a readable permutation name (after the first tensor it permutes),
+    and the structure of the structured ones (see :attr:`PermutationSpec.structure`)."""
     uf = tracer.uf
     roots: dict[str, tuple[int, ...]] = {}
     members: dict[int, list[tuple[str, int]]] = {}
@@ -687,18 +1134,53 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
                 members.setdefault(root, []).append((name, axis))
     labels: dict[int, str] = {}
     used: set[str] = set()
-    for root, items in members.items():
-        sizes = {int(state[n].shape[a]) for n, a in items}
-        if len(items) < 2 or sizes == {1}:
-            continue  # touches one tensor axis only (or size 1): permuting it is pointless
-        first = next(((n, a) for n, a in items if a == 0 and state[n].dim() >= 2), items[0])
-        base = "P_" + first[0].rsplit(".", 1)[0] + ("" if first[1] == 0 else f".axis{first[1]}")
+
+    def fresh_label(base: str) -> str:
         label, k = base, 2
         while label in used:
             label, k = f"{base}#{k}", k + 1
         used.add(label)
-        labels[root] = label
-    return labels, roots
+        return label
+
+    for root, items in members.items():
+        sizes = {int(state[n].shape[a]) for n, a in items}
+        if (len(items) < 2 and root not in uf.struct) or sizes == {1}:
+            continue  # touches one tensor axis only (or size 1): permuting it is pointless
+        first = next(((n, a) for n, a in items if a == 0 and state[n].dim() >= 2), items[0])
+        labels[root] = fresh_label("P_" + first[0].rsplit(".", 1)[0]
+                                   + ("" if first[1] == 0 else f".axis{first[1]}"))
+    structure: dict[str, tuple] = {}
+    heads: dict[int, str] = {}
+    todo = [r for r in labels if r in uf.struct]
+    while todo:
+        root = todo.pop(0)
+        kind, parts, sizes = uf.struct[root]
+        label = labels[root]
+        if label in structure:
+            continue
+        found = [uf.find(v) for v in parts]
+        if kind == "cat":
+            names_of = []
+            for j, part in enumerate(found):
+                if part == uf.FIXED:
+                    names_of.append(None)
+                    continue
+                if part not in labels:
+                    labels[part] = fresh_label(f"{label}.seg{j}")
+                names_of.append(labels[part])
+                if part in uf.struct:
+                    todo.append(part)
+            structure[label] = ("cat", tuple(names_of), tuple(sizes))
+        else:
+            outer, inner = found
+            group = None
+            if outer != uf.FIXED:
+                if outer not in heads:
+                    heads[outer] = fresh_label("H_" + label.removeprefix("P_"))
+                group = heads[outer]
+            structure[label] = ("heads", group, int(sizes[0]), int(sizes[1]),
+                                inner != uf.FIXED)
+    return labels, roots, structure
 
 
 def permutation_spec(model: nn.Module, *, example_input: torch.Tensor | None = None
@@ -758,16 +1240,33 @@ def traced(model: nn.Module, inputs: torch.Tensor) -> Traced:
     graph_module, tracer, names = trace(model, inputs)
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"][:len(names)]
     state = _state(model)
-    labels, roots = _group_names(tracer, state, names, placeholders)
+    labels, roots, structure = _group_names(tracer, state, names, placeholders)
     axes = {name: tuple(labels.get(r) for r in roots[name]) for name in names}
     perms: dict[str, int] = {}
     for name, entry in axes.items():
         for axis, perm in enumerate(entry):
             if perm is not None:
                 perms.setdefault(perm, int(state[name].shape[axis]))
+    for entry in structure.values():  # segments that no parameter carries by itself
+        if entry[0] == "cat":
+            for part, size in zip(entry[1], entry[2]):
+                if part is not None:
+                    perms.setdefault(part, int(size))
+    perms.update({label: _structured_size(entry) for label, entry in structure.items()})
+    for label, entry in structure.items():
+        if entry[0] == "heads" and not entry[4]:
+            tracer.notes.append(
+                f"'{label}': {entry[2]} heads of {entry[3]} features; the heads "
+                f"{'move as wholes' if entry[1] else 'stay in place'} but the features within "
+                "each head stay in place (an operation pairs or mixes them, e.g. rotary "
+                "position embeddings, which rotate pairs of features)")
+        elif entry[0] == "heads" and entry[1] is None:
+            tracer.notes.append(f"'{label}': the {entry[2]} heads stay in place (only the "
+                                "features within each head are permuted)")
     if not perms:
         tracer.notes.append("no hidden units can be permuted in this model")
-    spec = PermutationSpec(perms, axes, "traced", tuple(tracer.notes))
+    spec = PermutationSpec(perms, axes, "traced", tuple(dict.fromkeys(tracer.notes)),
+                           structure)
     return Traced(graph_module, tracer, names, labels, roots, spec, tuple(inputs.shape))
 
 

@@ -72,7 +72,8 @@ def _report(record: dict) -> str:
     parts.append(table_html(rows))
     if result.get("alignment"):
         parts.append(table_html([{"method": m, "passes": a["iterations"], "seconds": a["seconds"],
-                                  "units moved": a["changed_units"], "converged": a["converged"]}
+                                  "units moved": a["changed_units"], "converged": a["converged"],
+                                  "max |f_B − f_πB|": a.get("function_error")}
                                  for m, a in result["alignment"].items()]))
     layerwise = result.get("layerwise") or {}
     if layerwise:

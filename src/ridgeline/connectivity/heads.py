@@ -1,0 +1,242 @@
+"""Matching with structured permutations: attention heads and fused projections.
+
+A :class:`~ridgeline.connectivity.permutation_spec.PermutationSpec` with a ``structure``
+has permutations that are not free: an axis of H·d features read as H heads of d features
+(heads move as wholes, each head's features within it) and axes made of segments (a fused
+QKV projection). Both matchings here reduce every such axis to the same linear assignment
+problems as Git Re-Basin, one level at a time:
+
+* the cost of a flat permutation of an axis, C (n × n, ⟨P, C⟩ is the objective), is cut into
+  its segments' diagonal blocks (a segment's permutation sees only its own block);
+* for a head permutation σ shared by the "heads" permutations F of one attention layer
+  (Q/K features and V/output features), the similarity of head h of A with head h' of B is
+  S[h, h'] = Σ_F max_τ Σ_j C_F[(h, j), (h', τ(j))] — the best within-head assignment of the
+  d×d block — and σ = argmax_σ Σ_h S[h, σ(h)]; then each head's τ_h solves its block
+  C_F[(h, ·), (σ(h), ·)] (Verma & Elbayad 2024, "Merging text transformer models from
+  different initializations"; Imfeld et al. 2024, "Transformer fusion with optimal
+  transport", match heads as wholes in the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .permutation_spec import PermutationSpec, expand_permutations
+
+__all__ = ["StructuredState", "structured_weight_matching", "solve_costs"]
+
+
+class StructuredState:
+    """The free parts of every permutation of a structured spec, and their flat form."""
+
+    def __init__(self, spec: PermutationSpec) -> None:
+        self.spec = spec
+        self.free = {p: torch.arange(n) for p, n in spec.perms.items() if p not in spec.structure}
+        self.sigma = {g: torch.arange(h) for g, h in spec.head_groups.items()}
+        self.tau = {f: torch.arange(e[3]).repeat(e[2], 1) for f, e in spec.structure.items()
+                    if e[0] == "heads" and e[4]}
+
+    def start_from(self, flat: Mapping[str, torch.Tensor]) -> None:
+        """Take free parts from flat permutations (e.g. a previous matching's result)."""
+        for p in self.free:
+            if p in flat:
+                self.free[p] = torch.as_tensor(flat[p]).long()
+        for f, e in self.spec.structure.items():
+            if e[0] != "heads" or f not in flat:
+                continue
+            h, d = int(e[2]), int(e[3])
+            value = torch.as_tensor(flat[f]).long().reshape(h, d)
+            sigma = value[:, 0] // d
+            if e[1] is not None:
+                self.sigma[e[1]] = sigma
+            if e[4]:
+                self.tau[f] = value - sigma[:, None] * d
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        return expand_permutations(self.spec, self.free, self.sigma, self.tau)
+
+    def units(self) -> list[tuple[str, str, list[str]]]:
+        """(kind, key, the permutations whose cost it needs): one per assignment step."""
+        units = [("free", p, [p]) for p in self.free]
+        groups: dict[str, list[str]] = {}
+        for f, e in self.spec.structure.items():
+            if e[0] == "heads" and (e[1] is not None or e[4]):
+                groups.setdefault(e[1] if e[1] is not None else "within:" + f, []).append(f)
+        units += [("heads", g, members) for g, members in groups.items()]
+        return units
+
+
+def _contains(spec: PermutationSpec) -> dict[str, set[str]]:
+    """Permutation → every permutation it is made of (itself included)."""
+    out: dict[str, set[str]] = {}
+
+    def visit(name: str) -> set[str]:
+        if name not in out:
+            entry = spec.structure.get(name)
+            found = {name}
+            if entry is not None and entry[0] == "cat":
+                for part in entry[1]:
+                    if part is not None:
+                        found |= visit(part)
+            out[name] = found
+        return out[name]
+
+    for name in spec.perms:
+        visit(name)
+    return out
+
+
+def _distribute(spec: PermutationSpec, name: str, cost: torch.Tensor, targets: set[str],
+                into: dict[str, torch.Tensor]) -> None:
+    """Add the blocks of a flat cost that belong to ``targets`` (descending segments)."""
+    if name in targets:
+        into[name] = into.get(name, 0) + cost
+    entry = spec.structure.get(name)
+    if entry is not None and entry[0] == "cat":
+        offset = 0
+        for part, size in zip(entry[1], entry[2]):
+            if part is not None:
+                _distribute(spec, part, cost[offset:offset + size, offset:offset + size],
+                            targets, into)
+            offset += int(size)
+
+
+def _lap(cost: np.ndarray) -> tuple[np.ndarray, float]:
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    return cols, float(cost[rows, cols].sum())
+
+
+def solve_unit(spec: PermutationSpec, kind: str, key: str, members: list[str],
+               costs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The best assignment of one unit given the costs of its permutations."""
+    if kind == "free":
+        cols, _ = _lap(costs[key].numpy())
+        return {"free": torch.as_tensor(cols, dtype=torch.long)}
+    first = spec.structure[members[0]]
+    h, d = int(first[2]), int(first[3])
+    has_group = first[1] is not None
+    score = np.zeros((h, h))
+    blocks = {}
+    for f in members:
+        c = costs[f].numpy().reshape(h, d, h, d).transpose(0, 2, 1, 3)  # [h, h', j, j']
+        blocks[f] = c
+        within = spec.structure[f][4]
+        for a in range(h):
+            for b in range(h) if has_group else (a,):
+                score[a, b] += _lap(c[a, b])[1] if within else float(np.trace(c[a, b]))
+    sigma = _lap(score)[0] if has_group else np.arange(h)
+    tau = {}
+    for f in members:
+        if spec.structure[f][4]:
+            tau[f] = torch.as_tensor(np.stack([_lap(blocks[f][a, sigma[a]])[0]
+                                               for a in range(h)]), dtype=torch.long)
+    return {"sigma": torch.as_tensor(sigma, dtype=torch.long), "tau": tau}
+
+
+def _value(flat: torch.Tensor, cost: torch.Tensor) -> float:
+    return float(cost[torch.arange(flat.numel()), flat].sum())
+
+
+def structured_weight_matching(params_a: Mapping[str, torch.Tensor],
+                               params_b: Mapping[str, torch.Tensor], spec: PermutationSpec, *,
+                               max_iter: int = 100, tol: float = 0.0, seed: int | None = 0,
+                               init: Mapping[str, torch.Tensor] | None = None
+                               ) -> tuple[dict[str, torch.Tensor], list[float], bool]:
+    """Git Re-Basin weight matching (coordinate descent over assignment problems) for a
+    spec with heads and segments; see the module docstring. Returns the flat
+    permutations of ``spec.perms``, Σ_k ⟨θ_A,k, π(θ_B)_k⟩ after each pass, converged."""
+    from .permutation_spec import apply_permutations
+
+    def _inner(a, b):
+        return sum(float(torch.dot(a[k].reshape(-1), b[k].reshape(-1))) for k in a)
+
+    rng = np.random.default_rng(None if seed is None else int(seed.initial_seed())
+                                if isinstance(seed, torch.Generator) else int(seed))
+    state = StructuredState(spec)
+    if init is not None:
+        state.start_from(init)
+    contains = _contains(spec)
+    names = list(params_a)
+    a_side = {k: params_a[k].detach() for k in names}
+    b_side = {k: params_b[k].detach() for k in names}
+    terms = [(k, axis, perm) for k in names for axis, perm in enumerate(spec.axes.get(k, ()))
+             if perm is not None]
+    a_mats = {(k, axis): a_side[k].movedim(axis, 0).reshape(a_side[k].shape[axis], -1)
+              for k, axis, _ in terms}
+    units = state.units()
+    trace: list[float] = []
+    converged = False
+    for _ in range(max(int(max_iter), 1)):
+        improved = False
+        for index in rng.permutation(len(units)):
+            kind, key, members = units[index]
+            targets = set(members)
+            flat = state.flat()
+            costs: dict[str, torch.Tensor] = {}
+            for k, axis, perm in terms:
+                if not (contains[perm] & targets):
+                    continue
+                w_b = b_side[k]
+                for other_axis, other in enumerate(spec.axes[k]):
+                    if other is not None and other_axis != axis:
+                        w_b = w_b.index_select(other_axis, flat[other].to(w_b.device))
+                n = w_b.shape[axis]
+                cost = (a_mats[(k, axis)] @ w_b.movedim(axis, 0).reshape(n, -1).T).double().cpu()
+                _distribute(spec, perm, cost, targets, costs)
+            if not costs:
+                continue
+            old = sum(_value(flat[m], costs[m]) for m in members if m in costs)
+            solved = solve_unit(spec, kind, key, members, costs)
+            saved = (dict(state.free), dict(state.sigma), dict(state.tau))
+            if kind == "free":
+                state.free[key] = solved["free"]
+            else:
+                if key in state.sigma:
+                    state.sigma[key] = solved["sigma"]
+                state.tau.update(solved["tau"])
+            new_flat = state.flat()
+            new = sum(_value(new_flat[m], costs[m]) for m in members if m in costs)
+            if new > old + 1e-12 * max(1.0, abs(old)):
+                improved = True
+            else:
+                state.free, state.sigma, state.tau = saved
+        trace.append(_inner(a_side, apply_permutations(b_side, spec, state.flat())))
+        small = (tol > 0 and len(trace) > 1
+                 and trace[-1] - trace[-2] < tol * max(abs(trace[-2]), 1e-12))
+        if not improved or small:
+            converged = True
+            break
+    return state.flat(), trace, converged
+
+
+def solve_costs(spec: PermutationSpec, costs: Mapping[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """One assignment per unit from fixed costs (activation matching: correlations of the
+    flat axes, already cut into segments); the flat permutations of ``spec.perms``."""
+    state = StructuredState(spec)
+    for kind, key, members in state.units():
+        if not all(m in costs for m in members):
+            continue
+        solved = solve_unit(spec, kind, key, members, costs)
+        if kind == "free":
+            state.free[key] = solved["free"]
+        else:
+            if key in state.sigma:
+                state.sigma[key] = solved["sigma"]
+            state.tau.update(solved["tau"])
+    return state.flat()
+
+
+def distribute_costs(spec: PermutationSpec, flat_costs: Mapping[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """Costs of every permutation from costs of flat axes (segments cut out, summed)."""
+    out: dict[str, torch.Tensor] = {}
+    targets = set(spec.perms)
+    for name, cost in flat_costs.items():
+        _distribute(spec, name, cost, targets, out)
+    return out

@@ -1,0 +1,309 @@
+"""Transformers: attention-aware permutation specs, alignment with head permutations.
+
+Ground truth: a random permutation of model A built independently of the tracer (random
+head order, random feature order within every head, random residual and MLP orders, drawn
+from the spec's structure and applied by index) computes A's function in float64 and is
+undone exactly by weight matching (A's own weights come back, element for element).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ridgeline.connectivity import align, coerce_spec, permutation_spec
+from ridgeline.connectivity.alignment import permute_model
+from ridgeline.connectivity.heads import StructuredState
+from ridgeline.models import transformer
+from ridgeline.outputs import as_logits
+
+transformers = pytest.importorskip("transformers")
+
+
+class MHABlock(nn.Module):
+    """A hand-written block around nn.MultiheadAttention (packed in-projection)."""
+
+    def __init__(self, width: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, width)
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.embed(x)
+        h = self.norm(z)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((z + a).mean(1))
+
+
+def _gpt2(attn: str = "eager"):
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=4, vocab_size=40, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return transformers.GPT2LMHeadModel(cfg), torch.randint(0, 40, (3, 7))
+
+
+def _bert(attn: str = "sdpa"):
+    cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=24, vocab_size=40, max_position_embeddings=16,
+                                  num_labels=3, attn_implementation=attn)
+    return transformers.BertForSequenceClassification(cfg), torch.randint(0, 40, (3, 7))
+
+
+def _vit(attn: str = "sdpa"):
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=24, image_size=8, patch_size=4,
+                                 num_channels=1, num_labels=3, attn_implementation=attn)
+    return transformers.ViTForImageClassification(cfg), torch.randn(3, 1, 8, 8)
+
+
+def _ridgeline():
+    return transformer(40, 10, width=16, heads=4, depth=2), torch.randn(3, 40)
+
+
+def _mha():
+    return MHABlock(), torch.randn(3, 6, 5)
+
+
+MODELS = {"gpt2-eager": lambda: _gpt2("eager"), "gpt2-sdpa": lambda: _gpt2("sdpa"),
+          "bert-sdpa": _bert, "bert-eager": lambda: _bert("eager"), "vit-sdpa": _vit,
+          "ridgeline": _ridgeline, "mha": _mha}
+
+
+def _random_permutation(spec, seed: int) -> dict[str, torch.Tensor]:
+    state = StructuredState(spec)
+    g = torch.Generator().manual_seed(seed)
+    for p in state.free:
+        state.free[p] = torch.randperm(spec.perms[p], generator=g)
+    for k in state.sigma:
+        state.sigma[k] = torch.randperm(len(state.sigma[k]), generator=g)
+    for k, t in state.tau.items():
+        state.tau[k] = torch.stack([torch.randperm(t.shape[1], generator=g)
+                                    for _ in range(t.shape[0])])
+    return state.flat()
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return as_logits(model(x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_random_head_permutation_is_function_preserving_and_recovered_exactly(name):
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model, x = MODELS[name]()
+    model = model.double().eval()
+    if x.is_floating_point():
+        x = x.double()
+    spec = permutation_spec(model, example_input=x)
+    heads = [e for e in spec.structure.values() if e[0] == "heads"]
+    assert heads and all(e[1] is not None and e[4] for e in heads), spec.structure
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=1))
+    ref = _out(model, x)
+    scale = ref.abs().max()
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-5 * scale
+    result = align(model, permuted, example_input=x)
+    assert result.function_relative_error <= 1e-5
+    aligned = dict(result.model.named_parameters())
+    for key, value in model.named_parameters():
+        assert torch.equal(aligned[key], value), key
+
+
+def test_gpt2_spec_names_the_tied_unembedding_once_and_reads_the_fused_qkv_as_segments():
+    model, x = _gpt2()
+    spec = permutation_spec(model, example_input=x)
+    assert "lm_head.weight" not in spec.axes  # tied to the token embedding: one tensor
+    residual = spec.axes["transformer.wte.weight"][1]
+    assert residual is not None and spec.axes["transformer.wte.weight"][0] is None
+    assert spec.axes["transformer.wpe.weight"][1] == residual
+    assert spec.axes["transformer.ln_f.weight"] == (residual,)
+    fused = spec.axes["transformer.h.0.attn.c_attn.weight"][1]
+    kind, parts, sizes = spec.structure[fused]
+    assert kind == "cat" and sizes == (16, 16, 16)
+    assert parts[0] == parts[1] != parts[2]  # Q and K share one permutation, V its own
+    out_in = spec.axes["transformer.h.0.attn.c_proj.weight"][0]  # Conv1D: (in, out)
+    assert out_in == parts[2]
+    assert spec.structure[parts[0]][1] == spec.structure[parts[2]][1]  # one head order
+    again = coerce_spec(spec, model)  # a structured spec passed back in keeps its structure
+    assert again.structure == spec.structure and again.perms == spec.perms
+
+
+@pytest.mark.parametrize("name", ["ridgeline", "gpt2-eager", "mha", "vit-sdpa"])
+def test_activation_matching_recovers_a_random_head_permutation(name):
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    model = model.double().eval()
+    if x.is_floating_point():
+        x = x.double()
+    spec = permutation_spec(model, example_input=x)
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=3))
+    data = (torch.randint(0, 40, (64, *x.shape[1:])) if not x.is_floating_point()
+            else torch.randn(64, *x.shape[1:], dtype=torch.float64))
+    result = align(model, permuted, method="activations", data=data)
+    assert result.function_relative_error <= 1e-5
+    aligned = dict(result.model.named_parameters())
+    for key, value in model.named_parameters():
+        assert torch.allclose(aligned[key], value, rtol=0, atol=0), key
+
+
+def test_grouped_query_attention_leaves_heads_in_place_and_keeps_the_function():
+    class GQA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+            self.out = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            n, t, _ = x.shape
+            q = self.q(x).reshape(n, t, 4, 2).transpose(1, 2)
+            k = self.k(x).reshape(n, t, 2, 2).transpose(1, 2)
+            v = self.v(x).reshape(n, t, 2, 2).transpose(1, 2)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.head(self.out(a.transpose(1, 2).reshape(n, t, 8)).mean(1))
+
+    model, x = GQA().double(), torch.randn(3, 5, 8, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    assert any("grouped-query" in note for note in spec.notes)
+    assert all(e[1] is None for e in spec.structure.values() if e[0] == "heads")
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=2))
+    assert (_out(permuted, x) - _out(model, x)).abs().max() <= 1e-12
+
+
+def test_models_with_other_head_counts_are_refused_before_matching():
+    from ridgeline.errors import ConfigError
+
+    a = transformer(40, 10, width=16, heads=4, depth=1)
+    b = transformer(40, 10, width=16, heads=2, depth=1)  # same shapes, other heads
+    with pytest.raises(ConfigError, match="different heads"):
+        align(a, b, example_input=torch.randn(2, 40))
+
+
+class Rotary(nn.Module):
+    """Q/K rotated by position (rotary embeddings pair feature j with j + d/2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.q, self.k = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.v, self.out, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        freq = 1.0 / 10000 ** (torch.arange(0, 4, 2) / 4)
+        angles = torch.outer(torch.arange(6.0), freq)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin(), persistent=False)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        z = self.embed(x)
+
+        def heads(y):
+            return y.reshape(n, t, 2, 4).transpose(1, 2)
+
+        def rotate(y):
+            half = torch.cat([-y[..., 2:], y[..., :2]], dim=-1)
+            return y * self.cos[:t] + half * self.sin[:t]
+
+        q, k, v = rotate(heads(self.q(z))), rotate(heads(self.k(z))), heads(self.v(z))
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(self.out(a.transpose(1, 2).reshape(n, t, 8)).mean(1))
+
+
+def test_rotary_embeddings_keep_query_key_features_in_place_and_say_so():
+    torch.manual_seed(0)
+    model, x = Rotary().double(), torch.randn(3, 6, 3, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    qk = spec.axes["q.weight"][0]
+    vo = spec.axes["v.weight"][0]
+    assert spec.structure[qk][4] is False and spec.structure[qk][1] is not None
+    assert spec.structure[vo][4] is True and spec.structure[vo][1] == spec.structure[qk][1]
+    assert any("rotary" in note for note in spec.notes)
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=4))
+    assert (_out(permuted, x) - _out(model, x)).abs().max() <= 1e-12
+    result = align(model, permuted, example_input=x)
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key
+
+
+def test_weight_matching_started_at_the_answer_stays_there_with_heads():
+    from ridgeline.connectivity.alignment import model_state, weight_matching
+
+    torch.manual_seed(0)
+    model, x = _ridgeline()
+    spec = permutation_spec(model, example_input=x)
+    other = transformer(40, 10, width=16, heads=4, depth=2)
+    first, _, _ = weight_matching(model_state(model), model_state(other), spec)
+    again, trace, converged = weight_matching(model_state(model), model_state(other), spec,
+                                              init=first)
+    assert converged and len(trace) == 1
+    assert all(torch.equal(first[p], again[p]) for p in spec.perms)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llama_rmsnorm_rotary_and_grouped_query_attention(kv_heads):
+    """Rotary embeddings keep the query/key features in place (heads still move); grouped-
+    query attention keeps the heads in place; RMSNorm scales follow the residual stream."""
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads,
+                                   vocab_size=40, max_position_embeddings=32,
+                                   attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model, x = transformers.LlamaForCausalLM(cfg).double().eval(), torch.randint(0, 40, (2, 7))
+    spec = permutation_spec(model, example_input=x)
+    residual = spec.axes["model.norm.weight"][0]
+    assert residual is not None
+    assert spec.axes["model.layers.0.input_layernorm.weight"] == (residual,)
+    if kv_heads == 4:
+        qk = spec.axes["model.layers.0.self_attn.q_proj.weight"][0]
+        assert spec.structure[qk][1] is not None and spec.structure[qk][4] is False
+        assert any("rotary" in note for note in spec.notes)
+    else:
+        assert spec.axes["model.layers.0.self_attn.q_proj.weight"][0] is None
+        assert any("grouped-query" in note for note in spec.notes)
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=5))
+    ref = _out(model, x)
+    # LlamaRMSNorm computes in float32 whatever the model's dtype: round-off ~1e-8
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    result = align(model, permuted, example_input=x)
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key
+
+
+def test_an_input_the_model_does_not_accept_is_refused_before_tracing():
+    from ridgeline.errors import ShapeMismatchError
+
+    model, _ = _gpt2()
+    with pytest.raises(ShapeMismatchError, match="cannot be applied"):
+        align(model, model, example_input=torch.randn(2, 7))  # floats, not token ids
+
+
+def test_a_hand_written_spec_with_heads_matches_the_traced_one():
+    from ridgeline.connectivity import PermutationSpec
+    from ridgeline.models.transformer import SelfAttention
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Linear(3, 8), SelfAttention(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            z = self.embed(x)
+            return self.head((z + self.attn(z)).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Net().double(), torch.randn(3, 5, 3, dtype=torch.float64)
+    axes = {"embed.weight": ("R", None), "embed.bias": ("R",), "head.weight": (None, "R"),
+            "head.bias": (None,), "attn.out.weight": ("R", "VO"), "attn.out.bias": ("R",)}
+    for name, perm in (("q", "QK"), ("k", "QK"), ("v", "VO")):
+        axes[f"attn.{name}.weight"], axes[f"attn.{name}.bias"] = (perm, "R"), (perm,)
+    spec = PermutationSpec({"R": 8, "QK": 8, "VO": 8}, axes,
+                           structure={"QK": ("heads", "H", 2, 4, True),
+                                      "VO": ("heads", "H", 2, 4, True)})
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=6))
+    result = align(model, permuted, spec=spec, example_input=x)
+    assert result.function_relative_error <= 1e-12
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key
+    traced = permutation_spec(model, example_input=x)
+    assert sorted(e for e in traced.structure.values()) == [
+        ("heads", next(iter(traced.head_groups)), 2, 4, True)] * 2
