@@ -154,7 +154,7 @@ def _gap(a: nn.Module, b: nn.Module) -> float:
 
 def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1) -> tuple[dict, list]:
     """Median seconds per step of each rule over the epochs where every penalty is on (SAF's
-    ``first_active_epoch``, 7 by default, and MESA's ``start_epoch``). The methods take turns epoch by
+    ``first_active_epoch``, 7 by default, and MESA's). The methods take turns epoch by
     epoch (same batches, rotating order), so slow drifts of the machine's load hit all of
     them alike while each model stays warm in cache during its own epoch, as in real
     training. Also ridgeline SAM's distance to the plain-torch SAM after some steps."""
@@ -173,7 +173,7 @@ def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1) 
                             num_outputs=10, steps_per_epoch=math.ceil(n / batch), seed=seed)
         rules[method] = TRAINING_METHODS[method](ctx)
     rules["plain SAM"] = PlainSAM(copy.deepcopy(base).train(), 0.05, 0.05, 0.9)
-    active_from = max(rules["saf"].trajectory.first_active_epoch, rules["mesa"].teacher.start_epoch)
+    active_from = max(rules["saf"].trajectory.first_active_epoch, rules["mesa"].teacher.first_active_epoch)
     if active_from > epochs:
         raise SystemExit(f"--timing-epochs {epochs} ends before every penalty is on (epoch "
                          f"{active_from}); give more epochs.")
@@ -221,7 +221,7 @@ def timing_table(models, data, epochs, batches) -> None:
                                 {"×SGD": f"{ratio:.2f}"}))
     clock = "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
     print_table(f"Time per step ({clock}), methods interleaved epoch by epoch ({epochs} epochs, "
-                f"timed from epoch 5, {torch.get_num_threads()} thread(s)): 'median time' is the median over "
+                f"timed from epoch 7, where SAF and MESA are on, {torch.get_num_threads()} thread(s)): 'median time' is the median over "
                 "epochs of each epoch's median step; '×SGD' the median over epochs of the ratio to "
                 "SGD's median step in the same epoch. Float32 rounding differences between the two "
                 "SAMs grow chaotically over many steps.", rows, reference="none")

@@ -21,8 +21,9 @@ _TINY = {
     "models": [{"name": "a", "factory": "mlp", "init_seed": 1,
                 "args": {"in_features": 40, "widths": [16], "out_features": 10}}],
     "measurements": [{"kind": "sharpness_aware", "epochs": 3, "subset": 100,
-                      "method_options": {"saf": {"start_epoch": 2, "lag": 1},
-                                         "mesa": {"start_epoch": 2}}}],
+                      # the authors' 0-based rule: both terms are on from the 2nd epoch
+                      "method_options": {"saf": {"start_epoch": 0, "lag": 1},
+                                         "mesa": {"start_epoch": 0}}}],
 }
 
 
@@ -57,7 +58,13 @@ def test_sharpness_aware_measurement_reports_sgd_and_saf(tmp_path):
     result, html = _run(tmp_path, methods=["sgd", "saf"], subset=50)
     methods = result["methods"]
     assert list(methods) == ["sgd", "saf"]
+    # timed from SAF's first active epoch (start_epoch 0 → the 2nd epoch), not from epoch 0
     assert result["timed_from_epoch"] == 2 and result["steps_per_epoch"] == 4
+    assert methods["saf"]["method"]["first_active_epoch"] == 2
+    # the term is off in epoch 1 (same steps as SGD from the same start) and on after it
+    sgd_loss = [h["train_loss"] for h in methods["sgd"]["history"]]
+    saf_loss = [h["train_loss"] for h in methods["saf"]["history"]]
+    assert saf_loss[1] == sgd_loss[1] and saf_loss[2] != sgd_loss[2]
     assert methods["sgd"]["relative_time"] == 1.0 and methods["sgd"]["state_bytes"] == 0
     assert methods["saf"]["state_bytes"] == 2 * 200 * 10 * 2  # (lag+1)·N·O float16 values
     assert methods["saf"]["memory_kind"] == "sampled RSS peak above start"

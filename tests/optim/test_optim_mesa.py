@@ -68,8 +68,8 @@ def test_loss_equals_direct_kl_to_the_teacher_outputs_and_is_zero_before_start()
     teacher.update()
     x, _ = _data(12, seed=1)
     outputs = model(x)
-    assert float(teacher(x, outputs, 2)) == 0.0
-    value = teacher(x, outputs, 3)
+    assert float(teacher(x, outputs, 4)) == 0.0  # start_epoch = 3: on from the 5th epoch
+    value = teacher(x, outputs, 5)
     # teacher weights by hand: 0.5·θ0 + 0.5·(θ0 + 0.3) = θ0 + 0.15
     theta0 = {k: v - 0.3 for k, v in dict(model.named_parameters()).items()}
     t_logits = functional_call(model, {k: v + 0.15 for k, v in theta0.items()}, (x,)).detach().numpy()
@@ -80,11 +80,33 @@ def test_loss_equals_direct_kl_to_the_teacher_outputs_and_is_zero_before_start()
     assert teacher.memory_bytes == sum(p.numel() * 4 for p in model.parameters())
 
 
+def _authors_kl_is_on(epoch0: int, kl_start_epoch: int) -> bool:
+    """The rule of the authors' MESA_train.py, epochs counted from 0 by range(start, num)."""
+    return epoch0 > kl_start_epoch
+
+
+@pytest.mark.parametrize("first_epoch", [1, 0])
+def test_kl_starts_in_the_same_epoch_of_training_as_the_authors_code(first_epoch):
+    """The term is on exactly where the authors' ``epoch > kl_start_epoch`` (0-based) is,
+    whether the caller counts epochs from 1 or from 0 (the same rule as SAF's)."""
+    model = _net(3)
+    teacher = EMATeacherLoss(model, decay=0.5, start_epoch=5, first_epoch=first_epoch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2)  # student ≠ teacher, so an active term is > 0
+    x, _ = _data(8, seed=2)
+    outputs = model(x)
+    on = [float(teacher(x, outputs, first_epoch + k)) > 0 for k in range(10)]
+    assert on == [_authors_kl_is_on(k, 5) for k in range(10)]  # from the 7th epoch
+    assert teacher.first_active_epoch == first_epoch + 6
+    assert teacher.describe()["first_active_epoch"] == first_epoch + 6
+
+
 def test_teacher_gets_no_gradient_and_bad_arguments_fail():
     model = _net(2)
     teacher = EMATeacherLoss(model, start_epoch=0)
     x, _ = _data(5)
-    teacher(x, model(x), 1).backward()
+    teacher(x, model(x), 2).backward()  # start_epoch = 0: on from the 2nd epoch
     assert all(p.grad is None for p in teacher.teacher.parameters())
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ConfigError, match="decay"):

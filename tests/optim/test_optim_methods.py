@@ -43,8 +43,9 @@ def test_method_with_zero_strength_is_exactly_sgd(method, options):
     assert result.config["optimizer"] == method
 
 
-# SAF's term is on after start_epoch counted from 0 (the authors' rule): epochs 2 and 3 here
-_OPTIONS = {"sam": {}, "asam": {}, "saf": {"lag": 1, "start_epoch": 0}, "mesa": {"start_epoch": 2}}
+# SAF's and MESA's terms are on after start_epoch counted from 0 (the authors' rule): epochs
+# 2 and 3 here
+_OPTIONS = {"sam": {}, "asam": {}, "saf": {"lag": 1, "start_epoch": 0}, "mesa": {"start_epoch": 0}}
 
 
 @pytest.mark.parametrize("method", ["sam", "asam", "saf", "mesa"])

@@ -10,6 +10,7 @@ from torch import nn
 
 from ridgeline.errors import ConfigError
 from ridgeline.optim.saf import distillation_kl
+from ridgeline.optim.schedule import KLStart
 
 __all__ = ["EMATeacherLoss"]
 
@@ -39,15 +40,24 @@ class EMATeacherLoss:
     weight : float
         λ ≥ 0 (paper: 0.8).
     start_epoch : int
-        First epoch with a non-zero term; the EMA is updated from the first step on.
+        The authors' ``kl_start_epoch`` (their default 5): the term is on in every epoch
+        *after* it, counting epochs from 0 — ``epoch − first_epoch > start_epoch``, exactly
+        their ``epoch > args.kl_start_epoch`` with 0-based epochs (as for SAF). With
+        ridgeline's epochs (counted from 1) the first epoch with a term is
+        ``start_epoch + 2`` (:attr:`first_active_epoch`). The EMA is updated from the first
+        step on.
+    first_epoch : int
+        The number the caller gives its first epoch: 1 for :func:`ridgeline.train`, 0 for a
+        ``range(epochs)`` loop as in the authors' code.
 
     References
     ----------
-    Du, Zhou, Feng, Ong & Goh (2022), "Sharpness-Aware Training for Free", NeurIPS (§4, MESA).
+    Du, Zhou, Feng, Ong & Goh (2022), "Sharpness-Aware Training for Free", NeurIPS (§4, MESA);
+    their code, github.com/AngusDujw/SAF, ``MESA_train.py`` (``epoch > args.kl_start_epoch``).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9998, temperature: float = 5.0,
-                 weight: float = 0.8, start_epoch: int = 5) -> None:
+                 weight: float = 0.8, start_epoch: int = 5, first_epoch: int = 1) -> None:
         if not (0.0 <= decay < 1.0):
             raise ConfigError(f"decay must be in [0, 1), got {decay}.")
         if not (math.isfinite(temperature) and temperature > 0):
@@ -56,7 +66,8 @@ class EMATeacherLoss:
             raise ConfigError(f"weight must be ≥ 0, got {weight}.")
         self.model = model
         self.decay, self.temperature, self.weight = float(decay), float(temperature), float(weight)
-        self.start_epoch = int(start_epoch)
+        self.start_epoch, self.first_epoch = int(start_epoch), int(first_epoch)
+        self._start = KLStart(self.start_epoch, self.first_epoch)
         self.teacher = copy.deepcopy(model).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -65,6 +76,12 @@ class EMATeacherLoss:
         self._float_buffers = [(t, s) for t, s in buffers if t.is_floating_point()]
         self._other_buffers = [(t, s) for t, s in buffers if not t.is_floating_point()]
         self.updates = 0
+
+    @property
+    def first_active_epoch(self) -> int:
+        """The first epoch (in the caller's numbering) with a term: ``first_epoch +
+        start_epoch + 1`` (7 for ridgeline's 1-based epochs and the default start_epoch = 5)."""
+        return self._start.first_active_epoch
 
     @property
     def memory_bytes(self) -> int:
@@ -85,8 +102,9 @@ class EMATeacherLoss:
         self.updates += 1
 
     def __call__(self, inputs: torch.Tensor, outputs: torch.Tensor, epoch: int) -> torch.Tensor:
-        """λ τ² · mean KL(teacher ‖ student) on this batch (0 before ``start_epoch``)."""
-        if epoch < self.start_epoch or self.weight == 0:
+        """λ τ² · mean KL(teacher ‖ student) on this batch (0 before
+        :attr:`first_active_epoch`)."""
+        if not self._start.active(epoch) or self.weight == 0:
             return outputs.new_zeros(())
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
@@ -94,4 +112,5 @@ class EMATeacherLoss:
 
     def describe(self) -> dict:
         return {"decay": self.decay, "temperature": self.temperature, "weight": self.weight,
-                "start_epoch": self.start_epoch, "memory_bytes": self.memory_bytes}
+                "start_epoch": self.start_epoch, "first_epoch": self.first_epoch,
+                "first_active_epoch": self.first_active_epoch, "memory_bytes": self.memory_bytes}

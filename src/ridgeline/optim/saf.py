@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
+from ridgeline.optim.schedule import KLStart
 
 __all__ = ["TrajectoryLoss", "distillation_kl"]
 
@@ -157,6 +158,7 @@ class TrajectoryLoss:
         self.num_examples, self.num_outputs = int(num_examples), int(num_outputs)
         self.lag, self.temperature, self.weight = int(lag), float(temperature), float(weight)
         self.start_epoch, self.first_epoch = int(start_epoch), int(first_epoch)
+        self._start = KLStart(self.start_epoch, self.first_epoch)
         self.dtype = resolve_dtype(dtype)
         self.slots = self.lag + 1
         self._device = None if device is None else torch.device(device)
@@ -172,7 +174,7 @@ class TrajectoryLoss:
         """The first epoch (in the caller's numbering) whose term can be non-zero:
         ``first_epoch + start_epoch + 1`` (7 for ridgeline's 1-based epochs and the default
         start_epoch = 5, the authors' 0-based epoch 6)."""
-        return self.first_epoch + self.start_epoch + 1
+        return self._start.first_active_epoch
 
     # ------------------------------------------------------------------ memory
     @property
@@ -264,7 +266,7 @@ class TrajectoryLoss:
         past = epoch - self.lag
         try:
             # the authors' rule, `epoch > kl_start_epoch` with epochs counted from 0
-            active = epoch - self.first_epoch > self.start_epoch
+            active = self._start.active(epoch)
             if active and self.weight > 0 and self._slot_epoch[past % self.slots] == past:
                 teacher = self._logits[past % self.slots].index_select(0, idx).to(outputs.device)
                 mask = None

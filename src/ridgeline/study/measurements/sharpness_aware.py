@@ -22,10 +22,6 @@ from ridgeline.study.registry import Options, register_measurement
 
 __all__ = ["SharpnessAwareOptions", "compare_methods", "PeakMemory"]
 
-#: the default first epoch of SAF's and MESA's penalty (TrajectoryLoss / EMATeacherLoss)
-_DEFAULT_START_EPOCH = 5
-
-
 class SharpnessAwareOptions(Options):
     """Options of ``sharpness_aware``.
 
@@ -119,8 +115,10 @@ def _curvature(model: nn.Module, data, *, rho: float, tol: float, seed: int,
     return {"top_eigenvalue": float(spectrum.values.max()), "sharpness": float(worst.value)}, None
 
 
-def _start_epoch(method: str, options: dict) -> int:
-    return int(options.get("start_epoch", _DEFAULT_START_EPOCH)) if method in ("saf", "mesa") else 1
+def _first_active_epoch(described: dict) -> int:
+    """The first epoch in which a method's penalty is on, as the trained step rule reports
+    it (SAF's and MESA's ``first_active_epoch``; 1 for methods without a delayed term)."""
+    return int(described.get("first_active_epoch", 1))
 
 
 def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
@@ -133,7 +131,8 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
     """Train ``build()`` with every method under one budget and measure the results.
 
     Time per step is measured over the epochs in which every method's penalty is active
-    (from the latest SAF/MESA ``start_epoch``), so SAF's and MESA's extra work is counted.
+    (from the latest ``first_active_epoch`` the SAF/MESA step rules report), so SAF's and
+    MESA's extra work is counted.
     ``on_model(method, trained_model)`` may return extra JSON-safe fields for the method's
     row (benchmarks use it for cross-checks). Returns a JSON-safe dict: ``methods`` (one
     entry per method) and notes.
@@ -141,10 +140,10 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
     from ridgeline.train import train
 
     method_options = dict(method_options or {})
-    timed_from = min(epochs, max([_start_epoch(m, method_options.get(m, {})) for m in methods] or [1]))
     steps_per_epoch = math.ceil(len(train_data) / batch_size)
     probe = train_data.subset(subset)
     rows: dict[str, dict] = {}
+    seconds: dict[str, list[float]] = {}
     notes: list[str] = []
     # warm the allocator and the kernels once, so the first method's memory and time are
     # not charged for one-off start-up costs
@@ -159,8 +158,6 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
                            seed=seed, loss=loss, eval_data=test_data, scheduler=scheduler,
                            progress=progress, **method_options.get(method, {}))
         history = result.history
-        timed_seconds = history[-1]["seconds"] - history[timed_from - 1]["seconds"]
-        timed_steps = steps_per_epoch * (epochs - timed_from + 1)
         curvature, note = _curvature(model, probe, rho=sharpness_rho, tol=tol, seed=seed, loss=loss)
         if note and note not in notes:
             notes.append(note)
@@ -169,7 +166,6 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
             "test_loss": history[-1].get("eval_loss"),
             "train_loss": history[-1]["train_loss"],
             **curvature,
-            "time_per_step": timed_seconds / max(timed_steps, 1),
             "time_per_step_all_epochs": result.time_per_step,
             "state_bytes": int(result.method.get("memory_bytes", 0)),
             "peak_memory_bytes": memory.peak_bytes,
@@ -179,6 +175,12 @@ def compare_methods(build: Callable[[], nn.Module], train_data, test_data, *,
                                                "eval_loss", "eval_accuracy")} for h in history],
             **(on_model(method, model) if on_model is not None else {}),
         }
+        seconds[method] = [h["seconds"] for h in history]
+    timed_from = min(epochs, max([_first_active_epoch(r["method"]) for r in rows.values()] or [1]))
+    timed_steps = steps_per_epoch * (epochs - timed_from + 1)
+    for method, row in rows.items():
+        timed_seconds = seconds[method][-1] - seconds[method][timed_from - 1]
+        row["time_per_step"] = timed_seconds / max(timed_steps, 1)
     reference = rows.get("sgd", {}).get("time_per_step")
     for row in rows.values():
         row["relative_time"] = row["time_per_step"] / reference if reference else None
