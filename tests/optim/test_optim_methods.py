@@ -12,7 +12,8 @@ from torch import nn
 import ridgeline
 from ridgeline.errors import ConfigError, NonFiniteLossError
 from ridgeline.optim import SAM, TrajectoryLoss
-from ridgeline.optim.methods import SAFStep, SAMStep
+from ridgeline.optim.methods import SAFStep, SAMStep, _PenaltyStep
+from ridgeline.train import BackpropStep
 
 
 def _net(seed: int = 0, norm: bool = False) -> nn.Module:
@@ -90,6 +91,34 @@ def test_saf_through_the_trainer_stores_each_example_under_its_shuffled_index():
     first = torch.cat([idx for epoch, idx, _ in rule.seen if epoch == 1])
     assert sorted(first.tolist()) == list(range(50))
     assert not torch.equal(first, torch.arange(50))  # the batches really were shuffled
+
+
+def test_saf_step_makes_the_update_of_backpropagating_loss_plus_term():
+    """The "saf" rule feeds the term's closed-form gradient as a second backward root; the
+    weights must follow the plain (loss + saf(outputs, indices, epoch)).backward() rule."""
+    nets = [_net(6).double(), _net(6).double()]
+    plain = _net(6).double()
+    sgd = BackpropStep(plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9),
+                       nn.functional.cross_entropy)
+    rules = [SAFStep(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+                     nn.functional.cross_entropy,
+                     TrajectoryLoss(50, 4, lag=1, start_epoch=0, weight=0.5, dtype=torch.float64))
+             for net in nets]
+    x, y = _data()
+    x = x.double()
+    gen = torch.Generator().manual_seed(4)
+    for epoch in range(1, 5):
+        order = torch.randperm(50, generator=gen)
+        for start in range(0, 50, 10):
+            idx = order[start:start + 10]
+            rules[0].step(x[idx], y[idx], idx, epoch)
+            _PenaltyStep.step(rules[1], x[idx], y[idx], idx, epoch)
+            sgd.step(x[idx], y[idx], idx, epoch)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the term was on: both differ from plain SGD on the same batches
+    assert max(float((a - b).abs().max()) for a, b in zip(nets[0].parameters(),
+                                                          plain.parameters())) > 1e-4
 
 
 def test_sam_step_updates_batchnorm_statistics_once():

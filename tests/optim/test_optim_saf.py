@@ -115,6 +115,27 @@ def test_gradient_equals_closed_form():
     np.testing.assert_allclose(f.grad.numpy(), expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("drop", [0, 3])
+def test_gradient_method_equals_closed_form_with_and_without_missing_examples(dtype, drop):
+    """``TrajectoryLoss.gradient`` (what the "saf" method trains with) is the closed form
+    λτ m_i (softmax(f_i/τ) − softmax(ŷ_i/τ))/B, computed here with scipy, in f's dtype."""
+    table = _table(3, seed=6)
+    saf = TrajectoryLoss(N, OUT, lag=1, temperature=2.5, weight=0.4, start_epoch=0,
+                         dtype=dtype)
+    seen = torch.randperm(N, generator=torch.Generator().manual_seed(7))[:N - drop]
+    assert saf.gradient(table[1, seen].to(dtype), seen, 1) is None  # term off in epoch 1
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(8))
+    grad = saf.gradient(table[2, idx].to(dtype).requires_grad_(True), idx, 2)
+    assert grad.dtype == dtype and grad.shape == (N, OUT)
+    mask = np.isin(idx.numpy(), seen.numpy()).astype(float)[:, None]
+    p = softmax(table[1, idx].numpy() / 2.5, axis=1)
+    q = softmax(table[2, idx].numpy() / 2.5, axis=1)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    np.testing.assert_allclose(grad.numpy(), 0.4 * 2.5 * mask * (q - p) / N, rtol=0, atol=tol)
+    torch.testing.assert_close(saf.stored_logits(idx, 2), table[2, idx].to(dtype), rtol=0, atol=0)
+
+
 def test_float16_storage_returns_rounded_logits_and_reports_memory():
     table = _table(3, seed=3)
     saf = TrajectoryLoss(N, OUT, lag=2, dtype=torch.float16)

@@ -93,7 +93,13 @@ class _PenaltyStep(StepRule):
 
 
 class SAFStep(_PenaltyStep):
-    """Loss + SAF's trajectory term (no extra forward or backward pass)."""
+    """Loss + SAF's trajectory term (no extra forward or backward pass).
+
+    The term enters the backward pass as its closed-form gradient on the logits
+    (:meth:`TrajectoryLoss.gradient`), a second root of the same backward: the update is
+    that of ``(loss + term).backward()`` without evaluating the KL, whose value training
+    never reads.
+    """
 
     def __init__(self, model, optimizer, loss_fn, trajectory: TrajectoryLoss) -> None:
         super().__init__(model, optimizer, loss_fn)
@@ -101,6 +107,19 @@ class SAFStep(_PenaltyStep):
 
     def penalty(self, inputs, outputs, indices, epoch):
         return self.trajectory(outputs, indices, epoch)
+
+    def step(self, inputs, targets, indices, epoch):
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, targets)
+        check_finite(loss, epoch)
+        grad = self.trajectory.gradient(outputs, indices, epoch)
+        if grad is None:
+            loss.backward()
+        else:
+            torch.autograd.backward((loss, outputs), (None, grad))
+        self.optimizer.step()
+        return loss.detach(), outputs.detach()
 
     def describe(self) -> dict:
         return {"rule": "SAFStep", "optimizer": type(self.optimizer).__name__,

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
 from ridgeline.optim.schedule import KLStart
 
-__all__ = ["TrajectoryLoss", "distillation_kl"]
+__all__ = ["TrajectoryLoss", "distillation_kl", "distillation_kl_gradient"]
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64}
@@ -53,6 +53,32 @@ class _SoftKL(torch.autograd.Function):
     def backward(ctx, grad):
         (diff,) = ctx.saved_tensors
         return (diff * (grad * ctx.factor)).to(ctx.dtype), None, None, None, None
+
+
+def distillation_kl_gradient(teacher_logits: torch.Tensor, outputs: torch.Tensor,
+                             temperature: float, mask: torch.Tensor | None = None, *,
+                             weight: float = 1.0) -> torch.Tensor:
+    r"""∂/∂f of :func:`distillation_kl`, λ τ m_i (softmax(f_i/τ) − softmax(t_i/τ)) / B, as a
+    plain (B, O) tensor in the dtype of ``outputs`` (no autograd graph, no KL value).
+
+    Training only needs this gradient: ``torch.autograd.backward((loss, outputs), (None,
+    g))`` adds it to the loss's own gradient without building or evaluating the KL, about
+    half the kernels of the value-and-gradient node. Student and teacher logits are stacked
+    as (2, O, B), one scaling and one softmax serve both, and the softmax runs along the
+    class axis of that layout (torch's CPU softmax over a short last axis is ≈10× slower for
+    O = 10).
+    """
+    dtype = _compute_dtype(outputs)
+    student = outputs.detach()
+    both = torch.stack((student.t(), teacher_logits.t()))   # (2, O, B), promoted
+    if both.dtype != dtype:
+        both = both.to(dtype)
+    probs = torch.softmax(both.mul_(1.0 / temperature), dim=1)
+    factor = weight * temperature / outputs.shape[0]
+    if mask is not None:
+        factor = mask.to(dtype) * factor
+    grad = torch.sub(probs[0], probs[1]).mul_(factor).t()
+    return grad if grad.dtype == outputs.dtype else grad.to(outputs.dtype)
 
 
 def distillation_kl(teacher_logits: torch.Tensor, outputs: torch.Tensor, temperature: float,
@@ -251,10 +277,9 @@ class TrajectoryLoss:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return None if bool(logits.isnan().any()) else logits
 
-    def __call__(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> torch.Tensor:
-        """Store this batch's logits for ``epoch`` and return λ τ² · mean KL against the
-        logits of ``epoch − lag`` (0 before :attr:`first_active_epoch` or without such
-        logits)."""
+    def _teacher(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int):
+        """Store this batch's logits for ``epoch``; return (teacher logits, mask) for the
+        term, or None where it is 0."""
         indices = self._check(outputs, indices)
         if self._logits is None:
             self._allocate(outputs.device)
@@ -262,26 +287,49 @@ class TrajectoryLoss:
         self._advance(epoch)
         idx = indices.to(self._logits.device)
         self._seen += int(idx.numel())
-        term = None
+        found = None
         past = epoch - self.lag
         try:
             # the authors' rule, `epoch > kl_start_epoch` with epochs counted from 0
-            active = self._start.active(epoch)
-            if active and self.weight > 0 and self._slot_epoch[past % self.slots] == past:
+            if (self.weight > 0 and self._start.active(epoch)
+                    and self._slot_epoch[past % self.slots] == past):
                 teacher = self._logits[past % self.slots].index_select(0, idx).to(outputs.device)
                 mask = None
                 if not self._complete.get(past, False):  # some examples may be missing
                     mask = ~teacher[:, 0].isnan()
                     teacher = teacher.nan_to_num(0.0)
                 if mask is None or bool(mask.any()):
-                    term = distillation_kl(teacher, outputs, self.temperature, mask,
-                                           weight=self.weight)
+                    found = teacher, mask
             stored = outputs.detach().to(self._logits.device, self.dtype)
             self._logits[epoch % self.slots].index_copy_(0, idx, stored)
         except IndexError:
             self._check_range(idx)
             raise
-        return outputs.new_zeros(()) if term is None else term
+        return found
+
+    def __call__(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> torch.Tensor:
+        """Store this batch's logits for ``epoch`` and return λ τ² · mean KL against the
+        logits of ``epoch − lag`` (0 before :attr:`first_active_epoch` or without such
+        logits)."""
+        found = self._teacher(outputs, indices, epoch)
+        if found is None:
+            return outputs.new_zeros(())
+        teacher, mask = found
+        return distillation_kl(teacher, outputs, self.temperature, mask, weight=self.weight)
+
+    def gradient(self, outputs: torch.Tensor, indices: torch.Tensor | None,
+                 epoch: int) -> torch.Tensor | None:
+        """Like calling it, but return the term's gradient with respect to ``outputs``,
+        λτ m_i (softmax(f_i/τ) − softmax(ŷ_i/τ))/B as a (B, O) tensor without a graph, or
+        None where the term is 0; the KL itself is not evaluated. Train with
+        ``torch.autograd.backward((loss, outputs), (None, g))`` (what the ``"saf"`` method
+        does): the same update as backpropagating ``loss + saf(outputs, indices, epoch)``."""
+        found = self._teacher(outputs, indices, epoch)
+        if found is None:
+            return None
+        teacher, mask = found
+        return distillation_kl_gradient(teacher, outputs, self.temperature, mask,
+                                        weight=self.weight)
 
     def describe(self) -> dict:
         return {"lag": self.lag, "temperature": self.temperature, "weight": self.weight,
