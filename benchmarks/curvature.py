@@ -126,32 +126,55 @@ def curvlinops_top(model, x, y, k: int, tol: float):
 
 
 # ----------------------------------------------------------------------------- scans
+# fine grids for both Lanczos codes: ridgeline's residual tolerance on a 1-2-3-5-7 log grid,
+# hessian-eigenthings' iteration count in steps of 1 (its smallest count that reaches 1e-4)
 SCANS = {
-    "ridgeline": (ridgeline_top, "tol", [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4]),
+    "ridgeline": (ridgeline_top, "tol", [1e-1, 7e-2, 5e-2, 3e-2, 2e-2, 1e-2, 7e-3, 5e-3, 3e-3,
+                                         2e-3, 1e-3, 1e-4]),
     "PyHessian": (pyhessian_top, "tol", [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]),
-    "hessian-eigenthings": (eigenthings_top, "max_iter", [10, 15, 20, 25, 30, 40, 50, 70]),
+    "hessian-eigenthings": (eigenthings_top, "max_iter", list(range(5, 41)) + [50, 70]),
     "curvlinops + eigsh": (curvlinops_top, "tol", [1e-1, 1e-2, 1e-3, 1e-4, 1e-6]),
 }
 
 
 def scan(name: str, model, x, y, k: int, reference: np.ndarray) -> Row:
+    """The first setting of ``name``'s knob that reaches the target (its time is then the
+    best of this run and the interleaved re-runs of :func:`best_of`)."""
     fn, knob, settings = SCANS[name]
     case = f"top-{k} to rel. err ≤ {TARGET:g}"
     tried = []
     try:
         for setting in settings:
+            if knob == "max_iter" and setting < k:
+                continue
             cpu, wall, (values, matvecs) = _clock(lambda s=setting: fn(model, x, y, k, s))
             err = _error(values, reference[:k])
             tried.append(f"{setting:g}:{err:.0e}")
             if err <= TARGET:
-                return Row(case, name, cpu, f"max rel. err {err:.1e}",
-                           {"setting": f"{knob}={setting:g}", "HVPs": matvecs,
-                            "wall s": f"{wall:.2f}"})
+                row = Row(case, name, cpu, f"max rel. err {err:.1e}",
+                          {"setting": f"{knob}={setting:g}", "HVPs": matvecs,
+                           "wall s": f"{wall:.2f}"})
+                row.rerun = lambda s=setting: fn(model, x, y, k, s)  # type: ignore[attr-defined]
+                return row
     except Skip as exc:
         return Row(case, name, None, f"skipped: {exc}")
     except Exception as exc:  # noqa: BLE001 - a broken peer must not stop the benchmark
         return Row(case, name, None, f"failed: {type(exc).__name__}: {str(exc)[:60]}")
     return Row(case, name, None, "never reached the target: " + ", ".join(tried))
+
+
+def best_of(rows: list[Row], repeats: int) -> None:
+    """Re-run every row's chosen setting ``repeats`` more times, the libraries taking turns
+    (so load drifts of a shared machine hit all alike), and keep each one's best CPU time."""
+    timed = [r for r in rows if getattr(r, "rerun", None) is not None]
+    for _ in range(repeats):
+        for row in timed:
+            cpu, wall, _ = _clock(row.rerun)
+            if cpu < row.seconds:
+                row.seconds = cpu
+                row.extra["wall s"] = f"{wall:.2f}"
+    for row in timed:
+        row.extra["timing"] = f"best of {repeats + 1}, interleaved"
 
 
 def _pyhessian_trace(model, x, y, seed: int) -> np.ndarray:
@@ -208,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--libraries", default=",".join(SCANS))
     parser.add_argument("--no-trace", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each library's chosen setting (best is kept)")
     parser.add_argument("--seeds", type=int, default=5, help="Seeds for the trace comparison.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -225,8 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     print("reference top eigenvalues (eigsh, tol 1e-10):", np.array2string(reference[:5], precision=6))
     rows = []
     for k in (1, 5):
-        for name in args.libraries.split(","):
-            rows.append(scan(name, model, x, y, k, reference))
+        case = [scan(name, model, x, y, k, reference) for name in args.libraries.split(",")]
+        best_of(case, args.repeats - 1)
+        rows += case
     if not args.no_trace:
         rows += trace_rows(model, x, y, args.seeds)
     print_table(f"Hessian eigenvalues and trace, CPU seconds at {args.threads} thread(s) "

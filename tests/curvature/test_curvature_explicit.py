@@ -13,6 +13,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from ridgeline import curvature
+from ridgeline.errors import ConfigError
 from ridgeline.models import cnn1d, mlp
 
 F64 = torch.float64
@@ -138,6 +139,33 @@ def test_top_eigenpairs_match_explicit_hessian(kind):
     true_residuals = (spectrum.vectors @ _explicit_hessian(model, x, y)
                       - spectrum.values[:, None] * spectrum.vectors).norm(dim=1)
     assert bool((true_residuals <= 1e-6 * spectrum.values.abs() + 1e-12).all())
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])  # recorded graph, and batches
+def test_operator_gradient_equals_autograd_gradient(batch_size):
+    """The gradient Lanczos starts from: read off the recorded graph (one batch) or
+    evaluated (several batches), against autograd of the flat-vector loss."""
+    model, x, y = _problem("deep")
+    theta, outputs = _flat(model)
+    theta.requires_grad_(True)
+    (truth,) = torch.autograd.grad(F.cross_entropy(outputs(theta, x), y), theta)
+    op = curvature.hessian(model, (x, y), batch_size=batch_size)
+    torch.testing.assert_close(op.gradient(), truth, rtol=1e-10, atol=1e-13)
+    block = curvature.hessian(model, (x, y), param_filter="3")  # the 5 → 4 layer
+    assert block.param_names == ("3.weight", "3.bias")
+    torch.testing.assert_close(block.gradient(), truth[4 * 5 + 5:][:5 * 4 + 4],
+                               rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("start", ["gradient", "random"])
+def test_both_lanczos_starts_find_the_explicit_top_eigenvalues(start):
+    model, x, y = _problem("deep")
+    values = torch.linalg.eigvalsh(_explicit_hessian(model, x, y)).flip(0)
+    spectrum = curvature.top_eigenvalues(model, (x, y), k=3, tol=1e-7, start=start)
+    assert spectrum.converged
+    torch.testing.assert_close(spectrum.values, values[:3], rtol=1e-9, atol=1e-11)
+    with pytest.raises(ConfigError, match="start"):
+        curvature.top_eigenvalues(model, (x, y), start="ones")
 
 
 def test_smallest_eigenvalue_is_the_most_negative_curvature():

@@ -152,6 +152,9 @@ class _RecordedGradient:
         # gradients that depend on θ, with the names of the parameters they belong to
         self.outputs = [(n, g) for n, g in zip(self.names, grads)
                         if g is not None and g.requires_grad]
+        #: ∇L_b itself, a by-product of the recording (a Lanczos start vector, for free)
+        self.gradient = {n: torch.zeros_like(p) if g is None else g.detach()
+                         for n, p, g in zip(self.names, self.leaves, grads)}
 
     def _product(self, tangent: Params, batched: bool) -> Params:
         outs: tuple = (None,) * len(self.leaves)
@@ -358,6 +361,18 @@ class CurvatureOperator:
             build = _PRODUCTS[self.kind][1]
             self._cached = (batches[0].size, build(self.objective, self._fixed, self._params, x, y))
         return self._cached
+
+    def gradient(self) -> torch.Tensor:
+        """∇L(θ) over the operator's parameters as a flat vector of length P: read off the
+        Hessian's recorded graph when the dataset is one batch (no extra work), else one
+        gradient evaluation (:meth:`Objective.grad`)."""
+        cached = self._cache()
+        recorded = getattr(cached[1], "gradient", None) if cached is not None else None
+        if recorded is None:
+            every = self.objective.grad()
+        else:  # the cache exists only for a single batch (per process): weight and all-reduce it
+            every = self.objective.batch_mean(lambda x, y: recorded)
+        return flatten({n: every[n] for n in self.param_names})
 
     def _batch_fn(self, tangent: Params, batched: bool):
         cached = self._cache()
