@@ -187,6 +187,14 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
                 product = a_mats[(k, axis)] @ b_side[k].movedim(axis, 0).reshape(n, -1).T
                 fixed_terms[p] = fixed_terms.get(p, 0) + product.double().cpu()
     order = [p for p in sizes if groups[p]]
+    # the other permutations each cost matrix reads; a permutation whose inputs have not
+    # changed since it was last solved has the same cost matrix, and solving it again would
+    # change nothing (it already holds that problem's optimum, or the solver's answer did
+    # not beat it): it is skipped, with exactly the same outcome
+    reads = {p: {other for k, axis in groups[p] for a, other in enumerate(spec.axes[k])
+                 if other is not None and a != axis} for p in order}
+    changes = dict.fromkeys(sizes, 0)  # how many times each permutation has changed
+    solved_at: dict[str, dict[str, int]] = {}
     trace: list[float] = []
     converged = False
     for _ in range(max(int(max_iter), 1)):
@@ -194,6 +202,10 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
         for index in rng.permutation(len(order)):
             p = order[index]
             n = sizes[p]
+            inputs = {other: changes[other] for other in reads[p]}
+            if solved_at.get(p) == inputs:
+                continue
+            solved_at[p] = inputs
             cost = (fixed_terms[p].clone() if p in fixed_terms
                     else torch.zeros(n, n, dtype=torch.float64))
             for k, axis in groups[p]:
@@ -210,6 +222,7 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
             new = float(cost.numpy()[rows, cols].sum())
             if new > old + 1e-12 * max(1.0, abs(old)):
                 perms[p] = torch.as_tensor(cols, dtype=torch.long)
+                changes[p] += 1
                 improved = True
         trace.append(_inner(a_side, apply_permutations(b_side, spec, perms)))
         small = (tol > 0 and len(trace) > 1
