@@ -255,18 +255,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="batch sizes for the interleaved timing (SAF's overhead is a fixed "
                              "cost per step, so its ratio falls as steps get longer)")
     parser.add_argument("--probe", type=int, default=1000, help="examples for λ_max and sharpness")
+    parser.add_argument("--parts", nargs="+", default=["science", "timing", "memory"],
+                        choices=["science", "timing", "memory"], help="which parts to run")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 gives steadier timings on a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = (mnist1d("train"), mnist1d("test"))
-    console.print(f"part 1: {len(args.models)} models × {len(args.seeds)} seeds × "
-                  f"{len(METHODS)} methods, {args.epochs} epochs each")
-    results = science(args.models, args.seeds, args.epochs, data, args.probe)
-    science_table(results, args.models, args.seeds)
-    console.print("part 2: interleaved timing")
-    timing_table(args.models, data[0], args.timing_epochs, args.timing_batches)
-    memory_table()
+    if "science" in args.parts:
+        console.print(f"part 1: {len(args.models)} models × {len(args.seeds)} seeds × "
+                      f"{len(METHODS)} methods, {args.epochs} epochs each")
+        results = science(args.models, args.seeds, args.epochs, data, args.probe)
+        science_table(results, args.models, args.seeds)
+    if "timing" in args.parts:
+        console.print("part 2: interleaved timing")
+        timing_table(args.models, data[0], args.timing_epochs, args.timing_batches)
+    if "memory" in args.parts:
+        memory_table()
 
 
 if __name__ == "__main__":
