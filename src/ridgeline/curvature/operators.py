@@ -365,13 +365,15 @@ class CurvatureOperator:
     def gradient(self) -> torch.Tensor:
         """∇L(θ) over the operator's parameters as a flat vector of length P: read off the
         Hessian's recorded graph when the dataset is one batch (no extra work), else one
-        gradient evaluation (:meth:`Objective.grad`)."""
-        cached = self._cache()
-        recorded = getattr(cached[1], "gradient", None) if cached is not None else None
-        if recorded is None:
-            every = self.objective.grad()
-        else:  # the cache exists only for a single batch (per process): weight and all-reduce it
-            every = self.objective.batch_mean(lambda x, y: recorded)
+        gradient evaluation (:meth:`Objective.grad`). Runs in the same attention context
+        as the products, since it may record the graph they use."""
+        with self.objective.differentiable_attention():
+            cached = self._cache()
+            recorded = getattr(cached[1], "gradient", None) if cached is not None else None
+            if recorded is None:
+                every = self.objective.grad()
+            else:  # the cache exists only for one batch (per process): weight, all-reduce
+                every = self.objective.batch_mean(lambda x, y: recorded)
         return flatten({n: every[n] for n in self.param_names})
 
     def _batch_fn(self, tangent: Params, batched: bool):
