@@ -365,15 +365,20 @@ class CurvatureOperator:
     def gradient(self) -> torch.Tensor:
         """∇L(θ) over the operator's parameters as a flat vector of length P: read off the
         Hessian's recorded graph when the dataset is one batch (no extra work), else one
-        gradient evaluation (:meth:`Objective.grad`). Runs in the same attention context
+        gradient evaluation per batch. Runs in the same attention context
         as the products, since it may record the graph they use."""
+        fixed = self._fixed
+        batch_grad = grad(lambda p, x, y: self.objective.batch_loss({**fixed, **p}, x, y))
         with self.objective.differentiable_attention():
             cached = self._cache()
             recorded = getattr(cached[1], "gradient", None) if cached is not None else None
-            if recorded is None:
-                every = self.objective.grad()
-            else:  # the cache exists only for one batch (per process): weight, all-reduce
-                every = self.objective.batch_mean(lambda x, y: recorded)
+
+            def fn(x, y):  # the same pytree on every process, cached or not (one all-reduce)
+                if recorded is not None and x.shape[0] == cached[0]:
+                    return {n: recorded[n] for n in self._params}
+                return {k: t.detach() for k, t in batch_grad(self._params, x, y).items()}
+
+            every = self.objective.batch_mean(fn)
         return flatten({n: every[n] for n in self.param_names})
 
     def _batch_fn(self, tangent: Params, batched: bool):
