@@ -189,6 +189,12 @@ def weight_matching(make, data, layer):
     align(*_pair(make), method="weights", example_input=data[0][:2])
 
 
+def activation_matching(make, data, layer):
+    from ridgeline.connectivity import align
+
+    align(*_pair(make), method="activations", data=data)
+
+
 def feature_distance(make, data, layer):
     from ridgeline.transport import feature_distance as distance
 
@@ -213,6 +219,7 @@ INSTRUMENTS = {
     "forward gradient, local guess": forward_gradient_local,
     "linear path (`interpolate`)": linear_path,
     "weight matching (`align`)": weight_matching,
+    "activation matching (`align`)": activation_matching,
     "feature distance (`transport`)": feature_distance,
     "intrinsic dimension, d = 20": intrinsic_dimension,
 }
