@@ -169,7 +169,7 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
           base: nn.Module | None = None, weights: Sequence[float] | None = None,
           data: Any = None, scale: float = 1.0, density: float = 0.2, fisher: str = "exact",
           reset_bn: Any = None, repair: bool = False, seed: int | None = 0,
-          max_rounds: int = 100,
+          max_rounds: int = 100, matching: str = "matrices", tol: float = 0.0,
           chunk_size: int | None = None, batch_size: int | None = None) -> MergeResult:
     """Merge networks of one architecture into one.
 
@@ -249,7 +249,8 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
 
         reference = base if method in TASK_METHODS else None
         aligned = align_many(models, method=align, reference=reference, data=data,
-                             weights=raw_weights, max_rounds=max_rounds, seed=seed)
+                             weights=raw_weights, max_rounds=max_rounds, seed=seed,
+                             matching=matching, tol=tol)
         endpoints, permutations = list(aligned.models), aligned.permutations
         notes += list(aligned.notes)
         details.update(merge_many_rounds=aligned.rounds, merge_many_converged=aligned.converged,
