@@ -71,13 +71,18 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
                matching: str = "matrices", tol: float = 0.0) -> ManyAlignment:
     """Align every model to ``reference`` (default: the first model), then refine.
 
-    1. Each model is aligned to the reference by weight or activation matching
+    1. Each model is aligned to the reference by weight matching
+       (:func:`ridgeline.connectivity.alignment.weight_matching` on the tensors chosen by
+       ``matching``, see :func:`matched_tensors`) or activation matching
        (:func:`ridgeline.connectivity.align`).
     2. With ``method="weights"``, no separate reference and three or more models,
        MergeMany (Ainsworth et al. 2023, Algorithm 3): in a random order, each model's
        permutations are re-solved by weight matching against the weighted mean of the
        other (aligned) models, starting from its current permutations; rounds repeat until
-       none changes (or ``max_rounds``). With two models the mean of the others is the
+       none changes (or ``max_rounds``), or, with ``tol > 0``, until a round lowers the
+       spread Σ_i w_i ‖θ_i − θ̄‖² (matched tensors) by less than ``tol`` times itself. A
+       model none of whose others changed since its last solve is not re-solved (it would
+       get the same permutations back). With two models the mean of the others is the
        other model, so step 1 already is MergeMany's answer.
 
     Every aligned model computes exactly its original's function.

@@ -15,6 +15,7 @@ from torch import nn
 from ridgeline.errors import ConfigError, DataError
 from ridgeline.params import Params, check_same_structure, make_generator, named_buffers
 
+from .alignment import MATCHING
 from .combine import dare, fisher_average, task_arithmetic, task_vectors, ties, weighted_average
 from .fisher import FISHER_KINDS, fisher_diagonal
 
@@ -221,6 +222,15 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
         weighted mean of the models' (see :func:`ridgeline.merge.repair.repair_merged`).
     seed : int
         Weight-matching order, MergeMany order and DARE's masks.
+    matching : {"matrices", "all"}
+        The tensors weight matching compares (``align="weights"``): ``"matrices"`` (default)
+        the weight matrices and convolution kernels only, ``"all"`` biases and
+        normalisation parameters too, as in Git Re-Basin's objective. On three MNIST-1D
+        MLPs, matching on matrices gave merges ~1.5–2 points more accurate (docs/merging.md).
+        Either way every tensor is permuted and averaged.
+    tol : float
+        MergeMany stops when a round changes no permutation (``tol=0``, the paper's rule)
+        or lowers the models' spread Σ_i w_i ‖θ_i − θ̄‖² by less than ``tol`` times itself.
 
     Returns
     -------
@@ -236,6 +246,12 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
     began = time.perf_counter()
     models = _check_models(models, base)
     _validate(method, align, base, data, density, scale, fisher, repair, reset_bn)
+    if matching not in MATCHING:
+        raise ConfigError(f"matching must be 'matrices' or 'all' (the tensors weight matching "
+                          f"compares), got {matching!r}.")
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ConfigError(f"tol must be a number ≥ 0 (0: MergeMany runs until no permutation "
+                          f"changes), got {tol!r}.")
     raw_weights = _check_weights(weights, len(models), method)
     per_model = _per_model_data(data, len(models))
     if per_model is not None:

@@ -1,0 +1,132 @@
+"""align_many's choices (which tensors weight matching compares, MergeMany's stopping rule)
+against ground truth built here: brute force over permutations, permuted copies of one
+model, and MergeMany's own fixed-point condition."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ridgeline.connectivity import apply_permutations, permutation_spec, permute_model
+from ridgeline.connectivity.alignment import weight_matching
+from ridgeline.errors import ConfigError
+from ridgeline.merge import align_many, merge
+from ridgeline.merge.alignment import matched_tensors
+from ridgeline.models import mlp
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _brute_force_perm(a, b, names):
+    """argmax over all permutations P of the one hidden layer of Σ_k ⟨A_k, P(B_k)⟩, k in
+    ``names``, written out for a one-hidden-layer MLP (0.weight rows, 0.bias, 2.weight cols)."""
+    n = a["1.weight"].shape[0]
+    best, arg = -np.inf, None
+    for perm in itertools.permutations(range(n)):
+        p = torch.tensor(perm)
+        permuted = {"1.weight": b["1.weight"][p], "1.bias": b["1.bias"][p],
+                    "3.weight": b["3.weight"][:, p], "3.bias": b["3.bias"]}
+        value = sum(float((a[k] * permuted[k]).sum()) for k in names)
+        if value > best:
+            best, arg = value, p
+    return arg
+
+
+@pytest.mark.parametrize("matching", ["matrices", "all"])
+def test_one_layer_weight_matching_equals_brute_force_over_all_permutations(matching):
+    torch.manual_seed(0)
+    model_a, model_b = mlp(3, [5], 2).double(), mlp(3, [5], 2).double()
+    with torch.no_grad():  # large biases, so the two objectives disagree
+        model_a[1].bias.copy_(torch.tensor([3.0, -2.0, 1.0, 0.5, -3.0]))
+        model_b[1].bias.copy_(torch.tensor([-1.0, 2.5, 3.0, -2.0, 0.0]))
+    a, b = _params(model_a), _params(model_b)
+    names = (["1.weight", "3.weight"] if matching == "matrices"
+             else ["1.weight", "1.bias", "3.weight", "3.bias"])
+    expected = _brute_force_perm(a, b, names)
+    other = _brute_force_perm(a, b, ["1.weight", "1.bias", "3.weight", "3.bias"]
+                              if matching == "matrices" else ["1.weight", "3.weight"])
+    assert not torch.equal(expected, other)  # the choice matters on this pair
+    aligned = align_many([model_a, model_b], matching=matching)
+    perm = next(iter(aligned.permutations[1].values()))
+    assert torch.equal(perm, expected)
+
+
+@pytest.mark.parametrize("matching", ["matrices", "all"])
+@pytest.mark.parametrize("norm", [None, "layer"])
+def test_permuted_copies_are_recovered_exactly_with_either_matching(matching, norm):
+    torch.manual_seed(3)
+    model = mlp(6, [12, 10, 8], 3, norm=norm).double()
+    spec = permutation_spec(model)
+    gen = torch.Generator().manual_seed(4)
+    copies = [permute_model(model, spec, {p: torch.randperm(n, generator=gen)
+                                          for p, n in spec.perms.items()}) for _ in range(4)]
+    result = merge(copies, align="weights", matching=matching)
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(v, copies[0].state_dict()[k]), k
+    assert result.details["merge_many_converged"]
+
+
+def test_matrices_keep_every_weight_matrix_and_no_bias_or_norm_parameter():
+    model = mlp(4, [6, 5], 3, norm="layer")
+    params = dict(model.named_parameters())
+    spec = permutation_spec(model)
+    kept = matched_tensors(params, spec, "matrices")
+    assert set(kept) == {k for k, v in params.items() if v.dim() == 2}
+    assert matched_tensors(params, spec, "all") == list(params)
+
+
+def test_a_permutation_acting_only_on_vectors_still_enters_the_cost():
+    # a hand-written spec: permutation "Q" acts on a bias alone, so with "matrices" that
+    # bias must stay in the cost (else Q could never be matched)
+    class Spec:
+        axes = {"w": ("P", None), "b": ("P",), "v": ("Q",)}
+
+    params = {"w": torch.zeros(3, 2), "b": torch.zeros(3), "v": torch.zeros(4)}
+    assert matched_tensors(params, Spec(), "matrices") == ["w", "v"]
+
+
+def test_merge_many_ends_at_a_fixed_point_of_every_models_matching():
+    # MergeMany's convergence condition, checked from outside: re-solving any model against
+    # the mean of the others (matrices only) moves no unit
+    torch.manual_seed(5)
+    models = [mlp(5, [9, 7], 3).double() for _ in range(4)]
+    result = align_many(models, seed=2)
+    assert result.converged
+    spec = permutation_spec(models[0])
+    states = [{k: v for k, v in _params(m).items() if v.dim() == 2} for m in result.models]
+    for i in range(len(models)):
+        others = [s for j, s in enumerate(states) if j != i]
+        mean = {k: sum(s[k] for s in others) / len(others) for k in states[0]}
+        perms, _, converged = weight_matching(mean, states[i], spec, seed=7)
+        assert converged
+        for p, q in perms.items():
+            assert torch.equal(q, torch.arange(q.numel())), p
+        # and the aligned model is its original, permuted
+        original = apply_permutations(_params(models[i]), spec, result.permutations[i])
+        for k, v in _params(result.models[i]).items():
+            assert torch.equal(v, original[k]), k
+
+
+def test_bad_matching_and_tol_are_rejected_before_any_work():
+    models = [mlp(4, [6], 3) for _ in range(3)]
+    with pytest.raises(ConfigError, match="matching"):
+        merge(models, align="weights", matching="biases")
+    with pytest.raises(ConfigError, match="tol"):
+        merge(models, align="weights", tol=-1.0)
+    with pytest.raises(ConfigError, match="matching"):
+        align_many(models, matching="everything")
+
+
+def test_tol_stops_merge_many_no_later_than_exact_convergence():
+    torch.manual_seed(6)
+    models = [mlp(5, [16, 16], 3).double() for _ in range(3)]
+    exact = align_many(models, seed=1)
+    loose = align_many(models, seed=1, tol=0.5)
+    assert exact.converged and loose.converged
+    assert loose.rounds <= exact.rounds
+    assert loose.rounds == 1  # a round never lowers the spread by half of itself here
