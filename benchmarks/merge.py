@@ -7,11 +7,14 @@ models are scored by the same evaluator (test loss and accuracy on MNIST-1D's 10
 examples). Each merge runs ``--repeats`` times with seeds 0, 1, … (weight matching and
 MergeMany visit permutations in a seeded random order and end in different local optima);
 reported: the median wall time and the merged models' mean test accuracy (and its range),
-next to the naive (unaligned) average and the endpoints' mean. ridgeline also runs with
-REPAIR and with activation matching (both use training data; rebasin's MergeMany does not). Goal: equal or better accuracy, ≥ 2×
-faster.
+next to the naive (unaligned) average and the endpoints' mean. ridgeline runs with its
+default weight matching on the weight matrices (``matching="matrices"``; rebasin's cost
+also leaves biases out) and with Git Re-Basin's full objective (``matching="all"``, biases
+included), and also with REPAIR and with activation matching (both use training data;
+rebasin's MergeMany does not). Goal: equal or better accuracy, ≥ 2× faster.
 
-Run: ``python -m benchmarks merge [--width 512] [--epochs 20] [--models 3] [--threads 1]``.
+Run: ``python -m benchmarks merge [--width 512] [--epochs 20] [--models 3] [--threads 1]
+[--first-seed 1]``.
 """
 
 from __future__ import annotations
@@ -55,14 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="the models are trained with seeds first-seed, first-seed + 1, …")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 gives stable timings on a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train, test = mnist1d("train"), mnist1d("test")
     began = time.perf_counter()
-    models = [_train(args.width, seed, args.epochs, train) for seed in range(1, args.models + 1)]
-    print(f"trained {args.models} 40-{args.width}-{args.width}-10 MLPs for {args.epochs} "
+    seeds = range(args.first_seed, args.first_seed + args.models)
+    models = [_train(args.width, seed, args.epochs, train) for seed in seeds]
+    print(f"trained {args.models} 40-{args.width}-{args.width}-10 MLPs (seeds {list(seeds)}) "
+          f"for {args.epochs} "
           f"epochs in {time.perf_counter() - began:.0f} s ({args.threads} thread(s))")
 
     def score(model) -> tuple[float, float]:
@@ -96,7 +103,11 @@ def main(argv: list[str] | None = None) -> None:
                 "% of endpoints' mean": f"{100 * mean / mean_acc:.1f}"}
 
     rows = []
-    for label, kwargs in (("ridgeline", {"align": "weights"}),
+    for label, kwargs in (("ridgeline (matching='matrices', default)", {"align": "weights"}),
+                          ("ridgeline, matching='all' (biases too)", {"align": "weights",
+                                                                     "matching": "all"}),
+                          ("ridgeline, matrices, depth_weight=2 (rebasin's cost)",
+                           {"align": "weights", "depth_weight": 2.0}),
                           ("ridgeline + REPAIR", {"align": "weights", "repair": True,
                                                   "data": train}),
                           ("ridgeline, activations", {"align": "activations", "data": train})):

@@ -130,3 +130,38 @@ def test_tol_stops_merge_many_no_later_than_exact_convergence():
     assert exact.converged and loose.converged
     assert loose.rounds <= exact.rounds
     assert loose.rounds == 1  # a round never lowers the spread by half of itself here
+
+
+def test_depth_weight_equals_brute_force_on_the_weighted_objective():
+    # one hidden layer: objective ⟨W1_A, P W1_B⟩ + r⁻¹ ⟨W2_A, W2_B Pᵀ⟩ (matrices only),
+    # maximised by enumerating every permutation
+    torch.manual_seed(1)
+    model_a, model_b = mlp(3, [5], 4).double(), mlp(3, [5], 4).double()
+    a, b = _params(model_a), _params(model_b)
+    found = {}
+    for r in (1.0, 50.0):
+        best, arg = -np.inf, None
+        for perm in itertools.permutations(range(5)):
+            p = torch.tensor(perm)
+            value = (float((a["1.weight"] * b["1.weight"][p]).sum())
+                     + float((a["3.weight"] * b["3.weight"][:, p]).sum()) / r)
+            if value > best:
+                best, arg = value, p
+        aligned = align_many([model_a, model_b], depth_weight=r)
+        found[r] = next(iter(aligned.permutations[1].values()))
+        assert torch.equal(found[r], arg), r
+    assert not torch.equal(found[1.0], found[50.0])  # the weighting matters on this pair
+
+
+def test_permuted_copies_are_recovered_exactly_with_depth_weight():
+    torch.manual_seed(7)
+    model = mlp(6, [12, 10, 8], 3).double()
+    spec = permutation_spec(model)
+    gen = torch.Generator().manual_seed(8)
+    copies = [permute_model(model, spec, {p: torch.randperm(n, generator=gen)
+                                          for p, n in spec.perms.items()}) for _ in range(3)]
+    result = merge(copies, align="weights", depth_weight=2.0)
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(v, copies[0].state_dict()[k]), k
+    with pytest.raises(ConfigError, match="depth_weight"):
+        merge(copies, align="weights", depth_weight=0.5)

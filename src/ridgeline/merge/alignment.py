@@ -4,6 +4,7 @@ of the others until no permutation changes)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,12 +64,28 @@ def matched_tensors(params: Mapping[str, torch.Tensor], spec: Any,
             or any(p is not None and p not in covered for p in spec.axes.get(k, ()))]
 
 
+def depth_weights(params: Mapping[str, torch.Tensor], names: Sequence[str],
+                  depth_weight: float) -> dict[str, float]:
+    """α_k = r^(−l_k), r = ``depth_weight``, l_k the index of tensor k's layer: the number of
+    tensors with two or more axes before it in parameter order (a bias or norm parameter
+    counts with the matrix before it). On a chain (MLP, plain CNN) every permutation then
+    weighs the incoming weights of its units r times more than their outgoing weights."""
+    out, layer = {}, -1
+    for k in params:
+        if params[k].dim() >= 2:
+            layer += 1
+        if k in names:
+            out[k] = float(depth_weight) ** (-max(layer, 0))
+    return out
+
+
 def align_many(models: Sequence[nn.Module], *, method: str = "weights",
                reference: nn.Module | None = None, data: Any = None,
                weights: Sequence[float] | None = None, max_rounds: int = 100,
                max_iter: int = 100, seed: int | None = 0,
                example_input: torch.Tensor | None = None,
-               matching: str = "matrices", tol: float = 0.0) -> ManyAlignment:
+               matching: str = "matrices", tol: float = 0.0,
+               depth_weight: float = 1.0) -> ManyAlignment:
     """Align every model to ``reference`` (default: the first model), then refine.
 
     1. Each model is aligned to the reference by weight matching
@@ -85,12 +102,20 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
        get the same permutations back). With two models the mean of the others is the
        other model, so step 1 already is MergeMany's answer.
 
+    ``depth_weight`` r ≥ 1 multiplies tensor k's term by r^(−l_k), l_k its layer's index
+    (:func:`depth_weights`): r = 1 is Git Re-Basin's sum; on a chain, r > 1 weighs each
+    unit's incoming weights r times more than its outgoing ones, and r → ∞ approaches
+    matching layer by layer on incoming weights alone (Singh & Jaggi 2020). rebasin 0.0.47
+    effectively uses r = 2 (its cost lists each layer's incoming tensors twice, twice over).
+
     Every aligned model computes exactly its original's function.
     """
     if matching not in MATCHING:
         raise ConfigError(f"matching must be 'matrices' or 'all', got {matching!r}.")
     if tol < 0:
         raise ConfigError(f"tol must be ≥ 0, got {tol}.")
+    if not (depth_weight >= 1 and np.isfinite(depth_weight)):
+        raise ConfigError(f"depth_weight must be a finite number ≥ 1, got {depth_weight}.")
     reference_given = reference is not None
     reference = models[0] if reference is None else reference
     if example_input is None and data is not None:  # convolutional models need one to trace
@@ -106,8 +131,12 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
     reference_params = _params(reference)
     names = matched_tensors(reference_params, spec, matching)
 
+    # Σ_k α_k ⟨A_k, π(B_k)⟩ is Σ_k ⟨√α_k A_k, π(√α_k B_k)⟩: scale both sides
+    scales = {k: math.sqrt(a) for k, a in depth_weights(reference_params, names,
+                                                          depth_weight).items()}
+
     def matched(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: params[k] for k in names}
+        return {k: params[k] if scales[k] == 1 else params[k] * scales[k] for k in names}
 
     originals = [_params(m) for m in models]
     for model, params in zip(models, originals):

@@ -171,7 +171,7 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
           data: Any = None, scale: float = 1.0, density: float = 0.2, fisher: str = "exact",
           reset_bn: Any = None, repair: bool = False, seed: int | None = 0,
           max_rounds: int = 100, matching: str = "matrices", tol: float = 0.0,
-          chunk_size: int | None = None, batch_size: int | None = None) -> MergeResult:
+          depth_weight: float = 1.0, chunk_size: int | None = None, batch_size: int | None = None) -> MergeResult:
     """Merge networks of one architecture into one.
 
     ``average``
@@ -228,6 +228,11 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
         normalisation parameters too, as in Git Re-Basin's objective. On three MNIST-1D
         MLPs, matching on matrices gave merges ~1.5–2 points more accurate (docs/merging.md).
         Either way every tensor is permuted and averaged.
+    depth_weight : float ≥ 1
+        Weight matching multiplies layer l's term by ``depth_weight``^(−l) (layers counted
+        by their weight matrices in parameter order; meant for chains such as MLPs): 1 is
+        Git Re-Basin's objective; 2 is the cost rebasin 0.0.47 effectively minimises
+        (lower merged loss in docs/merging.md's benchmark).
     tol : float
         MergeMany stops when a round changes no permutation (``tol=0``, the paper's rule)
         or lowers the models' spread Σ_i w_i ‖θ_i − θ̄‖² by less than ``tol`` times itself.
@@ -252,6 +257,10 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ConfigError(f"tol must be a number ≥ 0 (0: MergeMany runs until no permutation "
                           f"changes), got {tol!r}.")
+    if not (isinstance(depth_weight, (int, float)) and math.isfinite(depth_weight)
+            and depth_weight >= 1):
+        raise ConfigError(f"depth_weight must be a finite number ≥ 1 (1: every layer counts "
+                          f"alike in weight matching), got {depth_weight!r}.")
     raw_weights = _check_weights(weights, len(models), method)
     per_model = _per_model_data(data, len(models))
     if per_model is not None:
@@ -266,7 +275,7 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
         reference = base if method in TASK_METHODS else None
         aligned = align_many(models, method=align, reference=reference, data=data,
                              weights=raw_weights, max_rounds=max_rounds, seed=seed,
-                             matching=matching, tol=tol)
+                             matching=matching, tol=tol, depth_weight=depth_weight)
         endpoints, permutations = list(aligned.models), aligned.permutations
         notes += list(aligned.notes)
         details.update(merge_many_rounds=aligned.rounds, merge_many_converged=aligned.converged,
