@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 "% of endpoints' mean": f"{100 * mean / mean_acc:.1f}"}
 
     rows = []
-    for label, kwargs in (("ridgeline (matching='matrices', default)", {"align": "weights"}),
+    for label, kwargs in (("ridgeline", {"align": "weights"}),
                           ("ridgeline, matching='all' (biases too)", {"align": "weights",
                                                                      "matching": "all"}),
                           ("ridgeline, matrices, depth_weight=2 (rebasin's cost)",
