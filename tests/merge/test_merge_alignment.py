@@ -165,3 +165,29 @@ def test_permuted_copies_are_recovered_exactly_with_depth_weight():
         assert torch.equal(v, copies[0].state_dict()[k]), k
     with pytest.raises(ConfigError, match="depth_weight"):
         merge(copies, align="weights", depth_weight=0.5)
+
+
+@pytest.mark.parametrize("matching", ["matrices", "all"])
+def test_permuted_copies_of_a_transformer_with_heads_are_recovered_exactly(matching):
+    from ridgeline.connectivity.heads import StructuredState
+    from ridgeline.models import transformer
+
+    torch.manual_seed(0)
+    model = transformer(40, 10, width=16, heads=4, depth=2).double().eval()
+    x = torch.randn(3, 40, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    copies = []
+    for seed in (1, 2, 3):  # random unit, head and within-head permutations
+        state, g = StructuredState(spec), torch.Generator().manual_seed(seed)
+        for p in state.free:
+            state.free[p] = torch.randperm(spec.perms[p], generator=g)
+        for k in state.sigma:
+            state.sigma[k] = torch.randperm(len(state.sigma[k]), generator=g)
+        for k, t in state.tau.items():
+            state.tau[k] = torch.stack([torch.randperm(t.shape[1], generator=g)
+                                        for _ in range(t.shape[0])])
+        copies.append(permute_model(model, spec, state.flat()))
+    result = merge(copies, align="weights", matching=matching)
+    reference = dict(copies[0].named_parameters())
+    for k, v in result.model.named_parameters():
+        assert torch.equal(v, reference[k]), k

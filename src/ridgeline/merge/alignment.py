@@ -143,6 +143,10 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
         if model is reference and not reference_given:
             perms.append(dict(identity))
         elif method == "weights":
+            if getattr(spec, "head_groups", None) and spec.source == "traced":
+                from ridgeline.connectivity.alignment import _check_same_heads
+
+                _check_same_heads(spec, model, example_input)  # as connectivity.align does
             found, _, _ = weight_matching(matched(reference_params), matched(params), spec,
                                           max_iter=max_iter, seed=seed)
             perms.append(found)
