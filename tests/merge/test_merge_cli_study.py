@@ -41,6 +41,17 @@ def test_merge_command_writes_the_merged_checkpoint(tmp_path):
     bad = CliRunner().invoke(app, ["merge", *paths, "--weights", "1,-1,1",
                                    "--data", str(tmp_path / "data.npz")])
     assert bad.exit_code == 2 and "non-negative" in bad.output
+    bad = CliRunner().invoke(app, ["merge", *paths, "--align", "weights", "--matching", "bias",
+                                   "--data", str(tmp_path / "data.npz")])
+    assert bad.exit_code == 2 and "matching" in bad.output
+    # the CLI passes --matching and --depth-weight through: same merge as the API
+    result = CliRunner().invoke(app, ["--quiet", "merge", *paths, "--align", "weights",
+                                      "--matching", "all", "--depth-weight", "2",
+                                      "--data", str(tmp_path / "data.npz"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = merge(models, align="weights", matching="all", depth_weight=2.0).model
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(ridgeline.load(out).state_dict()[k], v)
 
 
 def test_merge_measurement_runs_in_a_tiny_study_and_reports(tmp_path):

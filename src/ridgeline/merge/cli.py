@@ -44,6 +44,13 @@ def register(app: typer.Typer) -> None:
         predict: bool = typer.Option(False, "--predict",
                                      help="Also print the planner's predicted training loss."),
         seed: int = typer.Option(0, "--seed", help="Weight-matching order and DARE's masks."),
+        matching: str = typer.Option("matrices", "--matching",
+                                     help="Tensors weight matching compares: matrices (weight "
+                                          "matrices and kernels) or all (biases and norm "
+                                          "parameters too)."),
+        depth_weight: float = typer.Option(1.0, "--depth-weight",
+                                           help="Weight matching weighs layer l by "
+                                                "depth_weight^(−l) (1: all layers alike)."),
     ) -> None:
         """Merge checkpoints; print each model's and the merge's test loss and accuracy."""
         from rich.console import Console
@@ -89,6 +96,7 @@ def register(app: typer.Typer) -> None:
             result = merge(models, method=method, align=align_method, base=base_model,
                            weights=parsed, data=train if needs_data else None, scale=scale,
                            density=density, fisher=fisher, seed=seed, repair=repair,
+                           matching=matching, depth_weight=depth_weight,
                            reset_bn=train if reset_bn and _batchnorms(models[0]) else None)
             rows = [(path.name, *Objective(m, test).loss_and_accuracy())
                     for path, m in zip(checkpoints, models)]
