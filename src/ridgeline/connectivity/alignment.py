@@ -156,9 +156,10 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     improves nothing (Git Re-Basin's rule, ``tol=0``) or, with ``tol > 0``, when a pass
     raises the objective by less than ``tol`` times its value.
 
-    ``restarts`` runs the descent from several starts (other visiting orders, random
-    starting permutations) and keeps the highest final objective; ``None``: 1 for plain
-    specs, 8 for specs with attention heads (see :func:`heads.best_of_restarts`).
+    ``restarts`` runs the descent that many times by iterated local search (each restart
+    starts from the best permutations so far with about half of them redrawn at random,
+    in another visiting order) and keeps the highest final objective; ``None``: 1 for
+    plain specs, 32 for specs with attention heads (see :func:`heads.best_of_restarts`).
 
     Returns (permutations, objective after each pass of the kept run, converged).
 
@@ -173,7 +174,8 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
         return best_of_restarts(
             lambda s, start: weight_matching(params_a, params_b, spec, max_iter=max_iter,
                                              tol=tol, seed=s, init=start, restarts=1),
-            spec, restarts, seed, init)
+            spec, restarts, seed, init,
+            bound=float(np.sqrt(_inner(params_a, params_a) * _inner(params_b, params_b))))
     if spec.structure:  # attention heads, fused projections
         from .heads import structured_weight_matching
 
@@ -491,11 +493,11 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
     seed : int
         Seeds the random order in which weight matching visits the permutations.
     restarts : int, optional
-        Weight matching from this many starts (the first is the plain run; the others visit
-        the permutations in other orders from random starting permutations), keeping the
-        highest objective Σ⟨θ_A, π(θ_B)⟩ — never the loss. ``None``: 1 for specs without
-        attention heads (Git Re-Basin), 8 for transformers, whose descent has many local
-        optima.
+        Weight matching runs this many times (the first is the plain run; each other one
+        restarts from the best so far with about half of the permutations redrawn at
+        random, in another visiting order), keeping the highest objective Σ⟨θ_A, π(θ_B)⟩
+        — never the loss. ``None``: 1 for specs without attention heads (Git Re-Basin), 32
+        for transformers, whose coordinate descent stops in poor local optima.
 
     Returns
     -------

@@ -29,10 +29,10 @@ from scipy.optimize import linear_sum_assignment
 from .permutation_spec import PermutationSpec, expand_permutations
 
 __all__ = ["StructuredState", "structured_weight_matching", "solve_costs", "best_of_restarts",
-           "default_restarts", "random_start"]
+           "default_restarts", "kick"]
 
 #: restarts of weight matching for specs with attention heads when ``restarts=None``
-STRUCTURED_RESTARTS = 8
+STRUCTURED_RESTARTS = 32
 
 
 class StructuredState:
@@ -235,43 +235,60 @@ def restart_seed(seed: int | torch.Generator | None, restart: int) -> int | None
     return int(np.random.SeedSequence([base, restart]).generate_state(1)[0])
 
 
-def random_start(spec: PermutationSpec, seed: int | None) -> dict[str, torch.Tensor]:
-    """Uniformly random flat permutations respecting the spec's structure (free
-    permutations, head orders, feature orders within heads)."""
+def kick(spec: PermutationSpec, flat: Mapping[str, torch.Tensor], seed: int | None,
+         fraction: float = 0.5) -> dict[str, torch.Tensor]:
+    """The flat permutations ``flat`` with about ``fraction`` of the assignment units (at
+    least one) replaced by uniformly random ones: a free permutation, or a head group's head
+    order and the feature orders within its heads."""
     g = torch.Generator()
     g.manual_seed(int(seed) if seed is not None else int(torch.seed()))
-    if not spec.structure:
-        return {p: torch.randperm(n, generator=g) for p, n in spec.perms.items()}
     state = StructuredState(spec)
-    for p in state.free:
-        state.free[p] = torch.randperm(spec.perms[p], generator=g)
-    for k in state.sigma:
-        state.sigma[k] = torch.randperm(len(state.sigma[k]), generator=g)
-    for k, t in state.tau.items():
-        state.tau[k] = torch.stack([torch.randperm(t.shape[1], generator=g)
-                                    for _ in range(t.shape[0])])
+    state.start_from(flat)
+    units = state.units()
+    if not units:
+        return dict(flat)
+    chosen = [i for i in range(len(units)) if float(torch.rand(1, generator=g)) < fraction]
+    if not chosen:
+        chosen = [int(torch.randint(len(units), (1,), generator=g))]
+    for i in chosen:
+        kind, key, members = units[i]
+        if kind == "free":
+            state.free[key] = torch.randperm(spec.perms[key], generator=g)
+            continue
+        if key in state.sigma:
+            state.sigma[key] = torch.randperm(len(state.sigma[key]), generator=g)
+        for m in members:
+            if m in state.tau:
+                h, d = state.tau[m].shape
+                state.tau[m] = torch.stack([torch.randperm(d, generator=g) for _ in range(h)])
     return state.flat()
 
 
 def best_of_restarts(run: Callable[[int | None, Mapping[str, torch.Tensor] | None],
                                    tuple[dict[str, torch.Tensor], list[float], bool]],
                      spec: PermutationSpec, restarts: int, seed: int | torch.Generator | None,
-                     init: Mapping[str, torch.Tensor] | None
+                     init: Mapping[str, torch.Tensor] | None, bound: float | None = None
                      ) -> tuple[dict[str, torch.Tensor], list[float], bool]:
-    """Weight matching from several starts, keeping the run with the highest final
-    objective Σ_k ⟨θ_A,k, π(θ_B)_k⟩ (the matching's own objective: no data, no loss).
+    """Weight matching restarted by iterated local search, keeping the run with the highest
+    final objective Σ_k ⟨θ_A,k, π(θ_B)_k⟩ (the matching's own objective: no data, no loss).
 
-    Run 0 is the plain run (``seed``, started at ``init`` or the identity), so the result
-    is never below it; run r ≥ 1 visits the permutations in another random order, starting
-    at ``init`` when given, else at a random permutation of every unit (heads, features
-    within heads, residual and MLP units). Ties keep the earlier run.
+    Run 0 is the plain run (``seed``, started at ``init`` or the identity), so the result is
+    never below it. Run r ≥ 1 starts from the best permutations so far with about half of
+    the assignment units (free permutations; head groups with their within-head orders)
+    drawn at random (:func:`kick`), and descends again in another random visiting order;
+    it replaces the best when it ends strictly higher. Coordinate descent on transformers
+    stops in poor local optima (two MNIST-1D transformers: barriers 1.18–2.16 over five
+    visiting orders); kicks escape them better than independent restarts (Lourenço, Martin
+    & Stützle 2003, "Iterated local search"). Stops early when the objective reaches
+    ``bound`` (Cauchy–Schwarz: ‖θ_A‖‖θ_B‖, met only when π(θ_B) = θ_A up to scale).
     """
-    best = None
-    for r in range(max(int(restarts), 1)):
+    best = run(seed, init)
+    for r in range(1, max(int(restarts), 1)):
+        if bound is not None and best[1][-1] >= bound * (1 - 1e-12):
+            break
         s = restart_seed(seed, r)
-        start = init if (r == 0 or init is not None) else random_start(spec, s)
-        out = run(s, start)
-        if best is None or out[1][-1] > best[1][-1]:
+        out = run(s, kick(spec, best[0], s))
+        if out[1][-1] > best[1][-1]:
             best = out
     return best
 
