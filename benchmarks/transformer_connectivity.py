@@ -77,6 +77,9 @@ def main(argv=None) -> dict:
     out["weights"] = {**path(wm.model), "seconds": wm_seconds,
                       "function_relative_error": wm.function_relative_error,
                       "iterations": wm.iterations}
+    out["weights"]["objective"] = wm.objective_trace[-1]
+    single = align(a, b, example_input=test.inputs[:64], restarts=1)
+    out["weights_single_run"] = {**path(single.model), "objective": single.objective_trace[-1]}
     am = align(a, b, method="activations", data=train)
     out["activations"] = {**path(am.model),
                           "function_relative_error": am.function_relative_error}

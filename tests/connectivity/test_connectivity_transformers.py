@@ -307,3 +307,61 @@ def test_a_hand_written_spec_with_heads_matches_the_traced_one():
     traced = permutation_spec(model, example_input=x)
     assert sorted(e for e in traced.structure.values()) == [
         ("heads", next(iter(traced.head_groups)), 2, 4, True)] * 2
+
+
+def _tiny_pair():
+    torch.manual_seed(0)
+    model, x = _ridgeline()
+    other = transformer(40, 10, width=16, heads=4, depth=2)
+    return model.double().eval(), other.double().eval(), x.double()
+
+
+def test_restarts_never_end_below_the_plain_run_and_report_the_true_inner_product():
+    """Ground truth: Σ_k ⟨θ_A,k, π(θ_B)_k⟩ recomputed from the permuted model's tensors."""
+    from ridgeline.connectivity.alignment import weight_matching
+
+    model, other, x = _tiny_pair()
+    spec = permutation_spec(model, example_input=x)
+    pa = {k: v.detach() for k, v in model.named_parameters()}
+    pb = {k: v.detach() for k, v in other.named_parameters()}
+    for seed in (0, 1, 2):
+        _, plain, _ = weight_matching(pa, pb, spec, seed=seed, restarts=1)
+        perms, trace, _ = weight_matching(pa, pb, spec, seed=seed, restarts=6)
+        assert trace[-1] >= plain[-1]
+        permuted = dict(permute_model(other, spec, perms).named_parameters())
+        truth = sum(float((v * permuted[k]).sum()) for k, v in pa.items())
+        assert abs(trace[-1] - truth) <= 1e-9 * abs(truth)
+
+
+def test_restarted_alignment_keeps_the_function_and_default_restarts_follow_the_spec():
+    from ridgeline.connectivity.alignment import weight_matching
+    from ridgeline.connectivity.heads import default_restarts, kick
+    from ridgeline.models import mlp
+
+    model, other, x = _tiny_pair()
+    spec = permutation_spec(model, example_input=x)
+    assert default_restarts(spec) > 1
+    result = align(model, other, example_input=x, restarts=5)
+    assert result.function_relative_error <= 1e-5
+    # a kick is a valid structured permutation: the kicked model computes B's function
+    kicked = permute_model(other, spec, kick(spec, result.permutations, seed=3))
+    assert (_out(kicked, x) - _out(other, x)).abs().max() <= 1e-9 * _out(other, x).abs().max()
+    # plain specs (MLPs) keep Git Re-Basin's single run by default: identical permutations
+    torch.manual_seed(0)
+    net_a, net_b = mlp(6, [8, 8], 3), mlp(6, [8, 8], 3)
+    spec_mlp = permutation_spec(net_a, example_input=torch.randn(2, 6))
+    assert default_restarts(spec_mlp) == 1
+    pa = {k: v.detach() for k, v in net_a.named_parameters()}
+    pb = {k: v.detach() for k, v in net_b.named_parameters()}
+    default, _, _ = weight_matching(pa, pb, spec_mlp)
+    single, _, _ = weight_matching(pa, pb, spec_mlp, restarts=1)
+    assert all(torch.equal(default[p], single[p]) for p in spec_mlp.perms)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_restarts_are_refused_before_matching(bad):
+    from ridgeline.errors import ConfigError
+
+    model, other, x = _tiny_pair()
+    with pytest.raises(ConfigError, match="restarts"):
+        align(model, other, example_input=x, restarts=bad)

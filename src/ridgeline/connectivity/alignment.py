@@ -159,7 +159,8 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     ``restarts`` runs the descent that many times by iterated local search (each restart
     starts from the best permutations so far with about half of them redrawn at random,
     in another visiting order) and keeps the highest final objective; ``None``: 1 for
-    plain specs, 32 for specs with attention heads (see :func:`heads.best_of_restarts`).
+    plain specs and for a descent started at ``init``, 32 for specs with attention heads
+    (see :func:`heads.best_of_restarts`).
 
     Returns (permutations, objective after each pass of the kept run, converged).
 
@@ -169,7 +170,9 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     """
     from .heads import best_of_restarts, default_restarts
 
-    restarts = default_restarts(spec) if restarts is None else int(restarts)
+    if restarts is None:  # refining a given start (``init``) is one descent unless asked
+        restarts = default_restarts(spec) if init is None else 1
+    restarts = int(restarts)
     if restarts > 1:
         return best_of_restarts(
             lambda s, start: weight_matching(params_a, params_b, spec, max_iter=max_iter,
