@@ -328,7 +328,7 @@ def test_restarts_never_end_below_the_plain_run_and_report_the_true_inner_produc
         _, plain, _ = weight_matching(pa, pb, spec, seed=seed, restarts=1)
         perms, trace, _ = weight_matching(pa, pb, spec, seed=seed, restarts=6)
         assert trace[-1] >= plain[-1]
-        permuted = dict(permute_model(other, spec, perms).named_parameters())
+        permuted = {k: v.detach() for k, v in permute_model(other, spec, perms).named_parameters()}
         truth = sum(float((v * permuted[k]).sum()) for k, v in pa.items())
         assert abs(trace[-1] - truth) <= 1e-9 * abs(truth)
 

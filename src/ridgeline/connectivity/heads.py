@@ -241,7 +241,10 @@ def kick(spec: PermutationSpec, flat: Mapping[str, torch.Tensor], seed: int | No
     least one) replaced by uniformly random ones: a free permutation, or a head group's head
     order and the feature orders within its heads."""
     g = torch.Generator()
-    g.manual_seed(int(seed) if seed is not None else int(torch.seed()))
+    if seed is None:
+        g.seed()  # fresh entropy, leaving torch's global generator alone
+    else:
+        g.manual_seed(int(seed))
     state = StructuredState(spec)
     state.start_from(flat)
     units = state.units()
