@@ -356,6 +356,9 @@ def test_restarted_alignment_keeps_the_function_and_default_restarts_follow_the_
     default, _, _ = weight_matching(pa, pb, spec_mlp)
     single, _, _ = weight_matching(pa, pb, spec_mlp, restarts=1)
     assert all(torch.equal(default[p], single[p]) for p in spec_mlp.perms)
+    _, plain, _ = weight_matching(pa, pb, spec_mlp, restarts=1)
+    _, restarted, _ = weight_matching(pa, pb, spec_mlp, restarts=4)
+    assert restarted[-1] >= plain[-1]
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True])
