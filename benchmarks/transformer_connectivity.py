@@ -78,8 +78,11 @@ def main(argv=None) -> dict:
                       "function_relative_error": wm.function_relative_error,
                       "iterations": wm.iterations}
     out["weights"]["objective"] = wm.objective_trace[-1]
+    began = time.perf_counter()
     single = align(a, b, example_input=test.inputs[:64], restarts=1)
-    out["weights_single_run"] = {**path(single.model), "objective": single.objective_trace[-1]}
+    single_seconds = time.perf_counter() - began
+    out["weights_single_run"] = {**path(single.model), "objective": single.objective_trace[-1],
+                                 "seconds": single_seconds}
     am = align(a, b, method="activations", data=train)
     out["activations"] = {**path(am.model),
                           "function_relative_error": am.function_relative_error}
@@ -98,6 +101,8 @@ def main(argv=None) -> dict:
     mlp_seconds = time.perf_counter() - began
     n_mlp = sum(p.numel() for p in m_a.parameters())
     out["timing"] = {"transformer_us_per_parameter": 1e6 * wm_seconds / out["parameters"],
+                     "transformer_single_run_us_per_parameter":
+                         1e6 * single_seconds / out["parameters"],
                      "transformer_passes": wm.iterations,
                      "mlp_parameters": n_mlp, "mlp_seconds": mlp_seconds,
                      "mlp_passes": mm.iterations,
