@@ -159,7 +159,7 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     ``restarts`` runs the descent that many times by iterated local search (each restart
     starts from the best permutations so far with about half of them redrawn at random,
     in another visiting order) and keeps the highest final objective; ``None``: 1 for
-    plain specs and for a descent started at ``init``, 32 for specs with attention heads
+    plain specs and for a descent started at ``init``, 64 for specs with attention heads
     (see :func:`heads.best_of_restarts`).
 
     Returns (permutations, objective after each pass of the kept run, converged).
@@ -499,7 +499,7 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
         Weight matching runs this many times (the first is the plain run; each other one
         restarts from the best so far with about half of the permutations redrawn at
         random, in another visiting order), keeping the highest objective Σ⟨θ_A, π(θ_B)⟩
-        — never the loss. ``None``: 1 for specs without attention heads (Git Re-Basin), 32
+        — never the loss. ``None``: 1 for specs without attention heads (Git Re-Basin), 64
         for transformers, whose coordinate descent stops in poor local optima.
 
     Returns

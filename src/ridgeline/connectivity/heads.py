@@ -32,7 +32,7 @@ __all__ = ["StructuredState", "structured_weight_matching", "solve_costs", "best
            "default_restarts", "kick"]
 
 #: restarts of weight matching for specs with attention heads when ``restarts=None``
-STRUCTURED_RESTARTS = 32
+STRUCTURED_RESTARTS = 64
 
 
 class StructuredState:
