@@ -12,7 +12,7 @@ INSTRUMENTS = ["connectivity", "curvature", "kernels", "gradients", "transport",
                "optim", "merge"]
 LOWER = ["objective.py", "params.py", "linalg.py", "distributed.py", "train.py", "losses.py",
          "checkpoints.py", "usercode.py",
-         "plotting.py", "_json.py", "errors.py", "progress.py"]
+         "plotting.py", "_json.py", "_files.py", "errors.py", "progress.py"]
 
 
 def _imported_modules(path: Path) -> set[str]:

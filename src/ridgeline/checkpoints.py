@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ridgeline._files import atomic_write_bytes
 from ridgeline._version import __version__
 from ridgeline.errors import (
     ArchitectureMismatchError,
@@ -48,23 +48,6 @@ _HF_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # ----------------------------------------------------------------------------- writing
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(path.suffix + ".json") if path.suffix != ".json" else path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save(model: nn.Module, path: str | os.PathLike, *,
@@ -98,8 +81,8 @@ def save(model: nn.Module, path: str | os.PathLike, *,
             "model_class": type(model).__name__,
             "tensors": {k: list(v.shape) for k, v in state.items()},
             "metadata": dict(metadata or {})}
-    _atomic_write_bytes(path, st_save(_unshare(state), metadata={"format": CHECKPOINT_FORMAT}))
-    _atomic_write_bytes(_sidecar(path), json.dumps(info, indent=2, default=str).encode())
+    atomic_write_bytes(path, st_save(_unshare(state), metadata={"format": CHECKPOINT_FORMAT}))
+    atomic_write_bytes(_sidecar(path), json.dumps(info, indent=2, default=str).encode())
     distributed.barrier()
     return path
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ridgeline import distributed
+from ridgeline._files import atomic_write_bytes
 from ridgeline._json import to_jsonable
 
 __all__ = ["ResultStore", "to_jsonable", "atomic_write_text", "remove_stale_temporaries"]
@@ -29,23 +30,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """
     if not distributed.is_main_process():
         return
-    import tempfile
-
-    data = text.encode("utf-8")  # encode before the temporary file exists
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile.mkstemp's
