@@ -272,7 +272,16 @@ _register_instruments()
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    from ridgeline import distributed
+
+    if distributed.is_distributed():
+        distributed.exit_process(code)  # under torchrun: no interpreter finalisation
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

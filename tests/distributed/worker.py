@@ -181,6 +181,7 @@ def main(path: str, mode: str) -> None:
                 json.dump(values, handle)
     finally:
         distributed.shutdown()
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":
