@@ -33,7 +33,7 @@ from ridgeline.errors import ConfigError, DataError
 __all__ = ["fail", "progress_on", "model_option", "model_args_option", "data_option",
            "data_args_option", "parse_json_object", "parse_ints", "parse_floats",
            "parse_key_values", "load_model", "load_data", "check_plot_path", "check_output_file",
-           "check_subset", "warning_line"]
+           "check_subset", "warning_line", "restarts_option", "check_restarts"]
 
 DATA_HELP = ("mnist1d, digits, an .npz with arrays x and y, or your own function "
              "MODULE:CALLABLE (called with split='train'|'test').")
@@ -79,6 +79,13 @@ def data_option(default: str = "mnist1d") -> Any:
 def data_args_option() -> Any:
     return typer.Option(None, "--data-args",
                         help="Keyword arguments of --data as a JSON object (built-in or your own).")
+
+
+def restarts_option() -> Any:
+    return typer.Option(None, "--restarts", help=(
+        "Weight matching (--align weights): run the coordinate descent N times by iterated "
+        "local search and keep the highest objective Σ⟨θ_A, π(θ_B)⟩. Default: the library's "
+        "(1 for models without attention heads, more for transformers)."))
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -136,6 +143,21 @@ def check_subset(subset: int | None, option: str = "--subset") -> None:
     if subset is not None and subset < 1:
         raise ConfigError(f"{option} must be a positive number of examples, got {subset}; leave "
                           "it out to use every example.")
+
+
+def check_restarts(restarts: int | None, align: str | None,
+                   option: str = "--restarts") -> None:
+    """``--restarts N``: an integer ≥ 1, and only with ``--align weights`` (the only matching
+    that restarts)."""
+    if restarts is None:
+        return
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ConfigError(f"{option} must be an integer ≥ 1 (runs of weight matching; 1 is a "
+                          f"single descent), got {restarts}; leave it out for the default.")
+    if align != "weights":
+        given = "no --align" if align is None else f"--align {align}"
+        raise ConfigError(f"{option} applies to weight matching only; add --align weights "
+                          f"(got {given}).")
 
 
 def check_plot_path(path: Path | None, option: str = "--plot") -> None:

@@ -78,3 +78,8 @@ def test_connectivity_measurement_aligns_a_transformer_pair_and_reports(tmp_path
     text = (tmp_path / "report.html").read_text()
     assert "aligned (weights)" in text and "aligned (activations)" in text
     assert "layer-wise barriers" in text and "max |f_B − f_πB|" in text
+    from ridgeline.connectivity.heads import STRUCTURED_RESTARTS
+    from ridgeline.study import ResultStore
+
+    record = ResultStore(tmp_path).latest()["connectivity"]  # the runs the default made
+    assert record["result"]["alignment"]["weights"]["restarts"] == STRUCTURED_RESTARTS

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from ridgeline.cli_options import data_args_option, data_option, model_args_option, model_option
+from ridgeline.cli_options import (
+    data_args_option,
+    data_option,
+    model_args_option,
+    model_option,
+    restarts_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +36,7 @@ def register(app: typer.Typer) -> None:
                                       help="Re-estimate BatchNorm statistics at every point."),
         plot: Path | None = typer.Option(None, "--plot", help="Save the loss curves to this image."),
         seed: int = typer.Option(0, "--seed", help="Seed of the weight-matching order."),
+        restarts: int | None = restarts_option(),
     ) -> None:
         """Loss barrier on the straight line between two checkpoints, naive and aligned."""
         from rich.console import Console
@@ -37,6 +44,7 @@ def register(app: typer.Typer) -> None:
 
         from ridgeline.cli_options import (
             check_plot_path,
+            check_restarts,
             check_subset,
             fail,
             load_data,
@@ -54,6 +62,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"--align must be 'weights' or 'activations', got {align_method!r}.")
             if points < 2:
                 raise ConfigError(f"--points must be ≥ 2 (both ends), got {points}.")
+            check_restarts(restarts, align_method)
             check_subset(subset)
             check_plot_path(plot)
             data_kwargs = parse_json_object(data_args, "--data-args")
@@ -67,7 +76,8 @@ def register(app: typer.Typer) -> None:
                                  progress=progress_on(), label="naive")]
             aligned = None
             if align_method:
-                aligned = align(a, b, method=align_method, data=train_data, seed=seed)
+                aligned = align(a, b, method=align_method, data=train_data, seed=seed,
+                                restarts=restarts)
                 paths.append(interpolate(a, aligned.model, dataset, points=points, reset_bn=reset,
                                          progress=progress_on(), label=f"aligned ({align_method})"))
         except RidgelineError as exc:
@@ -91,8 +101,14 @@ def register(app: typer.Typer) -> None:
         if paths[0].normalization != "none":
             typer.echo(f"normalisation at every point: {paths[0].normalization}")
         if aligned is not None:
-            typer.echo(f"alignment: {aligned.iterations} passes, {aligned.changed_units} units moved, "
-                       f"{aligned.seconds:.2f} s")
+            runs = ""
+            if align_method == "weights":
+                from .heads import default_restarts
+
+                used = restarts if restarts is not None else default_restarts(aligned.spec)
+                runs = f" (the best of up to {used} runs)" if used > 1 else " (one run)"
+            typer.echo(f"alignment: {aligned.iterations} passes{runs}, {aligned.changed_units} "
+                       f"units moved, {aligned.seconds:.2f} s")
             if aligned.function_error is not None:
                 typer.echo(f"aligned B computes B's function: max |f_B(x) − f_πB(x)| = "
                            f"{aligned.function_error:.3g} (max |f_B(x)| = "

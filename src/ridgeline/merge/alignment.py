@@ -36,6 +36,7 @@ class ManyAlignment:
     rounds: int
     converged: bool
     notes: tuple[str, ...] = ()
+    restarts: int | None = None  # weight matching's runs per model in step 1 (as used)
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,7 +86,7 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
                max_iter: int = 100, seed: int | None = 0,
                example_input: torch.Tensor | None = None,
                matching: str = "matrices", tol: float = 0.0,
-               depth_weight: float = 1.0) -> ManyAlignment:
+               depth_weight: float = 1.0, restarts: int | None = None) -> ManyAlignment:
     """Align every model to ``reference`` (default: the first model), then refine.
 
     1. Each model is aligned to the reference by weight matching
@@ -108,6 +109,11 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
     matching layer by layer on incoming weights alone (Singh & Jaggi 2020). rebasin 0.0.47
     effectively uses r = 2 (its cost lists each layer's incoming tensors twice, twice over).
 
+    ``restarts`` is passed to step 1's weight matching (see
+    :func:`ridgeline.connectivity.alignment.weight_matching`; ``None``: 1, or more for specs
+    with attention heads); MergeMany's refinements start from the current permutations and
+    descend once.
+
     Every aligned model computes exactly its original's function.
     """
     if matching not in MATCHING:
@@ -116,6 +122,7 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
         raise ConfigError(f"tol must be ≥ 0, got {tol}.")
     if not (depth_weight >= 1 and np.isfinite(depth_weight)):
         raise ConfigError(f"depth_weight must be a finite number ≥ 1, got {depth_weight}.")
+    check_restarts(restarts)
     reference_given = reference is not None
     reference = models[0] if reference is None else reference
     if example_input is None and data is not None:  # convolutional models need one to trace
@@ -148,7 +155,7 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
 
                 _check_same_heads(spec, model, example_input)  # as connectivity.align does
             found, _, _ = weight_matching(matched(reference_params), matched(params), spec,
-                                          max_iter=max_iter, seed=seed)
+                                          max_iter=max_iter, seed=seed, restarts=restarts)
             perms.append(found)
         else:
             result = align_pair(reference, model, method=method, data=data, spec=spec,
@@ -195,7 +202,20 @@ def align_many(models: Sequence[nn.Module], *, method: str = "weights",
             notes.append(f"MergeMany stopped after max_rounds={max_rounds} rounds with "
                          "permutations still changing.")
     aligned = tuple(permute_model(m, spec, q) for m, q in zip(models, perms))
-    return ManyAlignment(aligned, tuple(perms), rounds, converged, tuple(notes))
+    used = None
+    if method == "weights":
+        from ridgeline.connectivity.heads import default_restarts
+
+        used = restarts if restarts is not None else default_restarts(spec)
+    return ManyAlignment(aligned, tuple(perms), rounds, converged, tuple(notes), used)
+
+
+def check_restarts(restarts: Any) -> None:
+    """``restarts`` is None (the default) or an integer ≥ 1."""
+    if restarts is not None and (isinstance(restarts, bool) or not isinstance(restarts, int)
+                                 or restarts < 1):
+        raise ConfigError(f"restarts must be an integer ≥ 1 (runs of weight matching), or None "
+                          f"for the default; got {restarts!r}.")
 
 
 def _spread(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> float:

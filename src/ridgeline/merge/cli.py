@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from ridgeline.cli_options import data_args_option, data_option, model_args_option, model_option
+from ridgeline.cli_options import (
+    data_args_option,
+    data_option,
+    model_args_option,
+    model_option,
+    restarts_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -51,6 +57,7 @@ def register(app: typer.Typer) -> None:
         depth_weight: float = typer.Option(1.0, "--depth-weight",
                                            help="Weight matching weighs layer l by "
                                                 "depth_weight^(−l) (1: all layers alike)."),
+        restarts: int | None = restarts_option(),
     ) -> None:
         """Merge checkpoints; print each model's and the merge's test loss and accuracy."""
         from rich.console import Console
@@ -59,6 +66,7 @@ def register(app: typer.Typer) -> None:
         from ridgeline.checkpoints import save
         from ridgeline.cli_options import (
             check_output_file,
+            check_restarts,
             check_subset,
             fail,
             load_data,
@@ -85,6 +93,7 @@ def register(app: typer.Typer) -> None:
             if out is not None and out.suffix != ".safetensors":
                 raise ConfigError(f"--out must end in .safetensors, got {out}.")
             check_output_file(out, "--out")
+            check_restarts(restarts, align_method)
             check_subset(subset)
             parsed = parse_floats(weights, "--weights") if weights is not None else None
             data_kwargs = parse_json_object(data_args, "--data-args")
@@ -96,7 +105,7 @@ def register(app: typer.Typer) -> None:
             result = merge(models, method=method, align=align_method, base=base_model,
                            weights=parsed, data=train if needs_data else None, scale=scale,
                            density=density, fisher=fisher, seed=seed, repair=repair,
-                           matching=matching, depth_weight=depth_weight,
+                           matching=matching, depth_weight=depth_weight, restarts=restarts,
                            reset_bn=train if reset_bn and _batchnorms(models[0]) else None)
             rows = [(path.name, *Objective(m, test).loss_and_accuracy())
                     for path, m in zip(checkpoints, models)]
@@ -121,6 +130,10 @@ def register(app: typer.Typer) -> None:
                        f"(mean of the models {predicted['mean_loss']:.4g}, gradient term "
                        f"{predicted['gradient_term']:.4g}, curvature term "
                        f"{predicted['curvature_term']:.4g}); measured {measured:.4g}")
+        used = result.details.get("restarts")
+        if used is not None:
+            runs = "one run" if used == 1 else f"the best of up to {used} runs"
+            typer.echo(f"weight matching: {runs} per model")
         for note in result.notes:
             typer.echo(f"note: {note}")
         if out is not None:

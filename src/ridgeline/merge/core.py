@@ -15,7 +15,7 @@ from torch import nn
 from ridgeline.errors import ConfigError, DataError
 from ridgeline.params import Params, check_same_structure, make_generator, named_buffers
 
-from .alignment import MATCHING
+from .alignment import MATCHING, check_restarts
 from .combine import dare, fisher_average, task_arithmetic, task_vectors, ties, weighted_average
 from .fisher import FISHER_KINDS, fisher_diagonal
 
@@ -171,7 +171,8 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
           data: Any = None, scale: float = 1.0, density: float = 0.2, fisher: str = "exact",
           reset_bn: Any = None, repair: bool = False, seed: int | None = 0,
           max_rounds: int = 100, matching: str = "matrices", tol: float = 0.0,
-          depth_weight: float = 1.0, chunk_size: int | None = None, batch_size: int | None = None) -> MergeResult:
+          depth_weight: float = 1.0, chunk_size: int | None = None,
+          batch_size: int | None = None, restarts: int | None = None) -> MergeResult:
     """Merge networks of one architecture into one.
 
     ``average``
@@ -236,6 +237,11 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
     tol : float
         MergeMany stops when a round changes no permutation (``tol=0``, the paper's rule)
         or lowers the models' spread Σ_i w_i ‖θ_i − θ̄‖² by less than ``tol`` times itself.
+    restarts : int ≥ 1, optional
+        Runs of weight matching (``align="weights"``) when each model is aligned to the
+        reference, by iterated local search keeping the highest objective
+        (:func:`ridgeline.connectivity.alignment.weight_matching`); ``None``: 1 for models
+        without attention heads, more for transformers. Ignored by the other alignments.
 
     Returns
     -------
@@ -261,6 +267,7 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
             and depth_weight >= 1):
         raise ConfigError(f"depth_weight must be a finite number ≥ 1 (1: every layer counts "
                           f"alike in weight matching), got {depth_weight!r}.")
+    check_restarts(restarts)
     raw_weights = _check_weights(weights, len(models), method)
     per_model = _per_model_data(data, len(models))
     if per_model is not None:
@@ -275,11 +282,14 @@ def merge(models: Sequence[nn.Module], *, method: str = "average", align: str | 
         reference = base if method in TASK_METHODS else None
         aligned = align_many(models, method=align, reference=reference, data=data,
                              weights=raw_weights, max_rounds=max_rounds, seed=seed,
-                             matching=matching, tol=tol, depth_weight=depth_weight)
+                             matching=matching, tol=tol, depth_weight=depth_weight,
+                             restarts=restarts)
         endpoints, permutations = list(aligned.models), aligned.permutations
         notes += list(aligned.notes)
         details.update(merge_many_rounds=aligned.rounds, merge_many_converged=aligned.converged,
                        units_moved=[moved_units(p) for p in aligned.permutations])
+        if aligned.restarts is not None:
+            details["restarts"] = aligned.restarts
     states = [_state(m) for m in endpoints]
     param_names = [k for k, _ in models[0].named_parameters()]
     total = sum(raw_weights)

@@ -26,6 +26,12 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def resume_key(self) -> dict[str, Any]:
+        """What a record of these options depends on beyond the options as written (e.g. a
+        library default that they leave open); when not empty it enters the measurement's
+        fingerprint, so a record computed under another value is redone on resume."""
+        return {}
+
 
 @dataclass(frozen=True)
 class MeasurementKind:

@@ -69,9 +69,13 @@ def settings(config: StudyConfig) -> dict:
                         "training": config.training.model_dump(), "seed": config.seed})
 
 
-def _fingerprint(kind: str, options: dict, config: StudyConfig) -> str:
-    """Changes when the measurement's options, the data, or the models' setup change."""
+def _fingerprint(kind: str, options: dict, config: StudyConfig,
+                 defaults: dict | None = None) -> str:
+    """Changes when the measurement's options, the data, the models' setup, or the library
+    defaults the options leave open (``defaults``, from ``Options.resume_key``) change."""
     basis = {"kind": kind, "options": options, **settings(config)}
+    if defaults:  # only then: the fingerprints of other records stay as they were
+        basis["defaults"] = defaults
     return hashlib.sha256(json.dumps(to_jsonable(basis), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -92,7 +96,9 @@ def planned_measurements(config: StudyConfig) -> list[PlannedMeasurement]:
             ident, n = f"{base}-{n}", n + 1
         seen.add(ident)
         dumped = options.model_dump(mode="json")
-        plan.append(PlannedMeasurement(ident, entry.kind, dumped, _fingerprint(entry.kind, dumped, config)))
+        plan.append(PlannedMeasurement(ident, entry.kind, dumped,
+                                       _fingerprint(entry.kind, dumped, config,
+                                                    options.resume_key())))
     return plan
 
 

@@ -9,10 +9,11 @@ from typing import Literal
 from pydantic import Field
 
 from ridgeline.study.figures import figure_html, fmt, new_figure, table_html
-from ridgeline.study.registry import Options, register_measurement
+from ridgeline.study.options import WeightMatchingOptions, restarts_problem
+from ridgeline.study.registry import register_measurement
 
 
-class BarrierPredictionOptions(Options):
+class BarrierPredictionOptions(WeightMatchingOptions):
     models: list[str] = Field(["a", "b"], min_length=2, max_length=2)  # the two compared
     layers: Literal["module", "tensor"] = "module"  # "module" (weight and bias together) or "tensor"
     points: int = 25
@@ -63,8 +64,12 @@ def _report(record: dict) -> str:
     return figure_html(fig, caption=caption) + table_html(rows)
 
 
+def _check(config, options: BarrierPredictionOptions) -> list[str]:
+    return restarts_problem(options.restarts, options.align == "weights")
+
+
 @register_measurement("barrier_prediction", options=BarrierPredictionOptions, report=_report,
-                      summary=_summary,
+                      summary=_summary, check=_check,
                       description="Second-order barrier prediction vs measured barriers, "
                                   "whole path and per layer (Spearman).")
 def run_barrier_prediction(ctx, options: BarrierPredictionOptions) -> dict:
@@ -76,9 +81,19 @@ def run_barrier_prediction(ctx, options: BarrierPredictionOptions) -> dict:
     data = ctx.dataset(options.split)
     if options.subset:
         data = data.subset(options.subset)
+    restarts = None
     if options.align:
-        model_b = align(model_a, model_b, method=options.align, data=ctx.dataset("train"),
-                        seed=ctx.seed).model
+        weights = options.align == "weights"
+        aligned = align(model_a, model_b, method=options.align, data=ctx.dataset("train"),
+                        seed=ctx.seed, restarts=options.restarts if weights else None)
+        model_b = aligned.model
+        if weights:
+            from ridgeline.study.options import used_restarts
+
+            restarts = used_restarts(options.restarts, aligned.spec)
     result = predict_barrier(model_a, model_b, data, layerwise=True, layers=options.layers,
                              points=options.points, progress=ctx.progress)
-    return result.to_dict()
+    out = result.to_dict()
+    if restarts is not None:
+        out["restarts"] = restarts
+    return out

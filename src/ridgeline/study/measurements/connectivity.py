@@ -9,10 +9,11 @@ from typing import Literal
 from pydantic import Field
 
 from ridgeline.study.figures import figure_html, fmt, new_figure, table_html
-from ridgeline.study.registry import Options, register_measurement
+from ridgeline.study.options import WeightMatchingOptions, restarts_problem
+from ridgeline.study.registry import register_measurement
 
 
-class ConnectivityOptions(Options):
+class ConnectivityOptions(WeightMatchingOptions):
     models: list[str] = Field(["a", "b"], min_length=2, max_length=2)  # the two compared
     points: int = 25
     splits: list[str] = ["train", "test"]
@@ -71,7 +72,8 @@ def _report(record: dict) -> str:
                          "normalization": path["normalization"]})
     parts.append(table_html(rows))
     if result.get("alignment"):
-        parts.append(table_html([{"method": m, "passes": a["iterations"], "seconds": a["seconds"],
+        parts.append(table_html([{"method": m, "passes": a["iterations"],
+                                  "restarts": a.get("restarts"), "seconds": a["seconds"],
                                   "units moved": a["changed_units"], "converged": a["converged"],
                                   "max |f_B − f_πB|": a.get("function_error")}
                                  for m, a in result["alignment"].items()]))
@@ -111,14 +113,19 @@ def _report(record: dict) -> str:
     return "".join(parts)
 
 
+def _check(config, options: ConnectivityOptions) -> list[str]:
+    return restarts_problem(options.restarts, "weights" in options.align)
+
+
 @register_measurement("connectivity", options=ConnectivityOptions, report=_report,
-                      summary=_summary,
+                      summary=_summary, check=_check,
                       description="Linear-path barriers between two models, naive and "
                                   "permutation-aligned; layer-wise barriers.")
 def run_connectivity(ctx, options: ConnectivityOptions) -> dict:
     """Naive path, aligned paths (weight and activation matching), layer-wise barriers."""
     from ridgeline.connectivity import align, interpolate, layerwise_barriers
     from ridgeline.connectivity.paths import _batchnorms
+    from ridgeline.study.options import used_restarts
 
     name_a, name_b = options.models
     model_a, model_b = ctx.model(name_a), ctx.model(name_b)
@@ -130,9 +137,12 @@ def run_connectivity(ctx, options: ConnectivityOptions) -> dict:
     candidates = {"naive": model_b}
     alignment = {}
     for method in options.align:
-        aligned = align(model_a, model_b, method=method, data=train, seed=ctx.seed)
+        aligned = align(model_a, model_b, method=method, data=train, seed=ctx.seed,
+                        restarts=options.restarts if method == "weights" else None)
         candidates[f"aligned ({method})"] = aligned.model
         alignment[method] = {k: v for k, v in aligned.to_dict().items() if k != "permutations"}
+        if method == "weights":  # the runs as made (the option, or the library's default)
+            alignment[method]["restarts"] = used_restarts(options.restarts, aligned.spec)
     paths: dict[str, dict] = {}
     for split in options.splits:
         paths[split] = {label: interpolate(model_a, other, datasets[split], points=options.points,

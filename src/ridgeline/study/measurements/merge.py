@@ -7,10 +7,11 @@ import html
 import math
 
 from ridgeline.study.figures import figure_html, fmt, new_figure, table_html
-from ridgeline.study.registry import Options, register_measurement
+from ridgeline.study.options import WeightMatchingOptions, restarts_problem
+from ridgeline.study.registry import register_measurement
 
 
-class MergeOptions(Options):
+class MergeOptions(WeightMatchingOptions):
     models: list[str] = ["a", "b"]
     methods: list[str] = ["average", "fisher"]
     align: list[str] = ["none", "weights"]  # "none", "weights", "activations"
@@ -72,6 +73,7 @@ def _report(record: dict) -> str:
              "curvature term": c["curvature_term"], "spread Σw‖δ‖²": c["spread"],
              "units moved": (sum(c["details"]["units_moved"])
                              if (c.get("details") or {}).get("units_moved") else None),
+             "restarts": (c.get("details") or {}).get("restarts"),
              "test acc": c["eval_accuracy"]} for c in candidates]
     lines = [f"predicted best: {result['best_predicted']}; measured best: "
              f"{result['best_measured']}; regret {fmt(result['regret'], 3)}; Kendall "
@@ -105,7 +107,7 @@ def _check(config, options: MergeOptions) -> list[str]:
         problems.append(f"density must lie in (0, 1], got {options.density}")
     if options.fisher not in ("exact", "empirical"):
         problems.append(f"fisher must be 'exact' or 'empirical', got {options.fisher!r}")
-    return problems
+    return problems + restarts_problem(options.restarts, "weights" in options.align)
 
 
 @register_measurement("merge", options=MergeOptions, report=_report, summary=_summary,
@@ -136,5 +138,5 @@ def run_merge(ctx, options: MergeOptions) -> dict:
     plan = predict_merge(models, data, methods=options.methods, align=align, base=base,
                          reset_bn=reset, eval_data=ctx.dataset("test"), scale=options.scale,
                          density=options.density, fisher=options.fisher, seed=ctx.seed,
-                         progress=ctx.progress)
+                         progress=ctx.progress, restarts=options.restarts)
     return {**plan.to_dict(), "model_names": list(options.models), "split": options.split}
