@@ -125,11 +125,9 @@ def _json(value: Any) -> Any:
 
 
 def _new_axes(ax):
-    if ax is not None:
-        return ax
-    import matplotlib.pyplot as plt
+    from ridgeline.plotting import new_axes
 
-    return plt.figure(figsize=(5, 3.5)).gca()
+    return new_axes(ax, 5, 3.5)
 
 
 # ----------------------------------------------------------------------------- eigenvalues

@@ -205,9 +205,9 @@ class TrainResult:
 
     def plot(self, ax=None, metric: str = "loss"):
         """Train (and eval) ``metric`` per epoch; returns the Axes."""
-        import matplotlib.pyplot as plt
+        from ridgeline.plotting import new_axes
 
-        ax = ax or plt.figure(figsize=(5, 3.5)).gca()
+        ax = new_axes(ax, 5, 3.5)
         epochs = [r["epoch"] for r in self.history]
         for split in ("train", "eval"):
             key = f"{split}_{metric}"

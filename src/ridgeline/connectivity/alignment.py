@@ -106,9 +106,9 @@ class AlignmentResult:
     def plot(self, ax=None):
         """The matching objective after each pass."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(4.5, 3))
+            _, ax = new_figure(4.5, 3)
         values = ([self.initial_objective] if self.initial_objective is not None else []) + list(
             self.objective_trace)
         ax.plot(range(len(values)), values, marker="o")

@@ -97,9 +97,9 @@ class LayerwiseResult:
     def plot(self, ax=None):
         """One bar per layer."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(self.layers) + 2), 3.2))
+            _, ax = new_figure(max(4.0, 0.6 * len(self.layers) + 2), 3.2)
         ax.bar(range(len(self.layers)), self.barriers, color="#4c72b0")
         ax.set_xticks(range(len(self.layers)), self.layers, rotation=45, ha="right")
         ax.set_ylabel("barrier (loss)")

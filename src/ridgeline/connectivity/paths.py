@@ -113,9 +113,9 @@ class PathResult:
     def plot(self, ax=None, *, metric: str = "loss", label: str | None = None, **style: Any):
         """The curve against α, with the straight line between its ends dashed."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(5, 3.2))
+            _, ax = new_figure(5, 3.2)
         if metric == "loss":
             values = self.losses
         elif metric in ("error", "accuracy") and self.accuracies is not None:

@@ -151,9 +151,9 @@ class BarrierPrediction:
     def plot(self, ax=None):
         """Predicted vs measured barrier per layer (with the line y = x)."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(4.2, 4))
+            _, ax = new_figure(4.2, 4)
         rows = list(self.layers or [])
         points = [(r.predicted, r.measured, r.layer) for r in rows if r.measured is not None]
         if not points and self.measured is not None:

@@ -90,9 +90,9 @@ class SliceResult:
     def plot(self, ax=None, *, metric: str = "loss", levels: int = 20, log: bool = True):
         """A line (1-D) or filled contour (2-D, log-spaced levels of the loss by default)."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(5, 4) if self.dims == 2 else (5, 3.2))
+            _, ax = new_figure(*((5, 4) if self.dims == 2 else (5, 3.2)))
         values = self.losses if metric == "loss" else self.accuracies
         if values is None:
             raise ConfigError(f"metric {metric!r} was not recorded; use 'loss'.")

@@ -54,9 +54,9 @@ class GradientOverlap:
     def plot(self, ax=None):
         """Cumulative fraction of ‖g‖² against the number of top eigenvectors."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            ax = plt.figure(figsize=(5, 3.5)).gca()
+            _, ax = new_figure(5, 3.5)
         cumulative = torch.tensor(self.per_direction).cumsum(0).numpy()
         ax.plot(range(1, len(cumulative) + 1), cumulative, "o-")
         ax.set_ylim(0, 1.02)

@@ -71,9 +71,9 @@ class SharpnessResult:
     def plot(self, ax=None):
         """Loss increase per ascent step (worst) or per sample (average); returns the Axes."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            ax = plt.figure(figsize=(5, 3.5)).gca()
+            _, ax = new_figure(5, 3.5)
         steps = np.arange(1, len(self.history) + 1)
         if self.kind == "worst":
             ax.plot(steps, self.history, "o-", ms=3)

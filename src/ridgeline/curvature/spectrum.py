@@ -100,9 +100,9 @@ class Spectrum:
     def plot(self, ax=None):
         """Eigenvalue against index (log scale when all are positive); returns the Axes."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            ax = plt.figure(figsize=(5, 3.5)).gca()
+            _, ax = new_figure(5, 3.5)
         values = self.values.cpu().numpy()
         index = np.arange(1, len(values) + 1)
         ax.plot(index, values, "o-")

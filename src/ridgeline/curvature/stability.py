@@ -256,9 +256,9 @@ class EdgeOfStability:
     def plot(self, ax=None):
         """λ_1…λ_k against the step, with the stability threshold (2 + 2β)/η dashed."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            ax = plt.figure(figsize=(5, 3.5)).gca()
+            _, ax = new_figure(5, 3.5)
         if not self.records:
             return ax
         steps = self.steps

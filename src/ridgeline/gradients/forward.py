@@ -103,9 +103,9 @@ class ForwardGradient:
 
     def plot(self, ax=None):
         """Bar chart of ‖ĝ‖ per layer; returns the Axes."""
-        import matplotlib.pyplot as plt
+        from ridgeline.plotting import new_axes
 
-        ax = ax or plt.figure(figsize=(5, 3.2)).gca()
+        ax = new_axes(ax, 5, 3.2)
         norms = self.layer_norms()
         ax.bar(range(len(norms)), list(norms.values()))
         ax.set_xticks(range(len(norms)), list(norms), rotation=45, ha="right")

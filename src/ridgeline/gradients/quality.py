@@ -98,9 +98,9 @@ class GuessQuality:
 
     def plot(self, ax=None):
         """Mean cosine per layer (± std) with the overall mean and 1/√P; returns the Axes."""
-        import matplotlib.pyplot as plt
+        from ridgeline.plotting import new_axes
 
-        ax = ax or plt.figure(figsize=(5, 3.2)).gca()
+        ax = new_axes(ax, 5, 3.2)
         layers = list(self.per_layer)
         means = [float(self.per_layer[k].mean()) for k in layers]
         stds = [float(self.per_layer[k].std()) if self.per_layer[k].numel() > 1 else 0.0

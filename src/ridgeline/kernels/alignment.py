@@ -55,9 +55,9 @@ class KernelSpectrum:
     def plot(self, ax=None, *, label: str | None = None):
         """Eigenvalues against their rank, log–log."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(5, 3.5))
+            _, ax = new_figure(5, 3.5)
         positive = self.values[self.values > 0]
         ax.loglog(torch.arange(1, positive.numel() + 1).numpy(), positive.numpy(), label=label)
         ax.set_xlabel("rank i")

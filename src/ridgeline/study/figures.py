@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import io
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,13 +15,14 @@ __all__ = ["figure_html", "table_html", "fmt", "new_figure", "section_html"]
 
 
 def figure_html(fig, *, caption: str | None = None) -> str:
-    """The figure as inline SVG (self-contained), closed afterwards."""
-    import matplotlib.pyplot as plt
-
+    """The figure as inline SVG (self-contained); a figure made through pyplot (say, by a
+    plugin's report) is closed afterwards (:func:`new_figure`'s need no closing)."""
     buffer = io.StringIO()
     fig.tight_layout()
     fig.savefig(buffer, format="svg")
-    plt.close(fig)
+    pyplot = sys.modules.get("matplotlib.pyplot")  # imported by someone: it may hold the figure
+    if pyplot is not None:
+        pyplot.close(fig)
     svg = buffer.getvalue()
     svg = svg[svg.find("<svg"):]
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""

@@ -135,9 +135,9 @@ class IntrinsicDimension:
 
 def plot_intrinsic(result: dict, ax=None):
     """Draw an :class:`IntrinsicDimension` from its ``to_dict()`` (used by the report)."""
-    import matplotlib.pyplot as plt
+    from ridgeline.plotting import new_axes
 
-    ax = ax or plt.figure(figsize=(5.5, 3.6)).gca()
+    ax = new_axes(ax, 5.5, 3.6)
     dims, accs = result["dims"], result["accuracies"]
     for d, per_seed in zip(dims, accs):
         ax.scatter([d] * len(per_seed), per_seed, s=10, color="C0", alpha=0.5)

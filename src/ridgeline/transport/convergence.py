@@ -91,9 +91,9 @@ class SWConvergence:
     def plot(self, ax=None):
         """Estimates (mean ± one standard deviation over repeats) against L, log scale."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(5, 3.4))
+            _, ax = new_figure(5, 3.4)
         count = len(self.estimators)
         for k, est in enumerate(self.estimators):
             shift = 1.0 + 0.06 * (k - (count - 1) / 2)  # side by side on the log axis

@@ -60,9 +60,9 @@ class FeatureDistance:
     def plot(self, ax=None):
         """Histogram of the per-direction W_p^p with the estimate of SW_p^p marked."""
         if ax is None:
-            import matplotlib.pyplot as plt
+            from ridgeline.plotting import new_figure
 
-            _, ax = plt.subplots(figsize=(5, 3.2))
+            _, ax = new_figure(5, 3.2)
         ax.hist(self.per_projection, bins=min(40, max(5, len(self.per_projection) // 5)),
                 color="0.7", edgecolor="0.4")
         ax.axvline(self.value ** self.p, color="C3",
