@@ -48,10 +48,17 @@ def test_measurements_run_in_a_tiny_study_and_report(tmp_path):
             {"kind": "connectivity", "points": 5, "layerwise_points": 3},
             {"kind": "slice", "points": 4, "subset": 50},
             {"kind": "barrier_prediction", "points": 5, "layers": "tensor"},
+            {"kind": "barrier_prediction", "id": "aligned", "points": 3, "align": "weights",
+             "restarts": 2},
         ],
     })
     outcome = run_study(config, tmp_path, progress=False)
-    assert {"connectivity", "slice", "barrier_prediction"} <= set(outcome.ran)
+    assert {"connectivity", "slice", "barrier_prediction", "aligned"} <= set(outcome.ran)
+    from ridgeline.study import ResultStore
+
+    latest = ResultStore(tmp_path).latest()
+    assert latest["aligned"]["result"]["restarts"] == 2  # the runs weight matching made
+    assert latest["connectivity"]["result"]["alignment"]["weights"]["restarts"] == 1  # MLP
     text = (tmp_path / "report.html").read_text()
     for needle in ("loss along (1−α)θA + αθB", "layer-wise barriers", "loss landscape",
                    "Spearman"):

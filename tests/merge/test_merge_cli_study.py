@@ -63,13 +63,19 @@ def test_merge_measurement_runs_in_a_tiny_study_and_reports(tmp_path):
                     "args": {"in_features": 5, "widths": [12], "out_features": 3}}
                    for n, s in (("a", 1), ("b", 2), ("c", 1))],
         "measurements": [{"kind": "merge", "models": ["a", "b", "c"], "base": "init:a",
-                          "methods": ["average", "fisher", "ties"], "subset": 60}],
+                          "methods": ["average", "fisher", "ties"], "subset": 60,
+                          "restarts": 2}],
     })
     outcome = run_study(config, tmp_path, progress=False)
     assert "merge" in outcome.ran
     text = (tmp_path / "report.html").read_text()
     for needle in ("models (grey) and their merges (blue)", "planner: Spearman", "ties + weights"):
         assert needle in text, needle
+    from ridgeline.study import ResultStore
+
+    candidates = ResultStore(tmp_path).latest()["merge"]["result"]["candidates"]
+    used = {c["label"]: (c.get("details") or {}).get("restarts") for c in candidates}
+    assert used["ties + weights"] == 2 and used["average"] is None, used  # as configured
 
 
 def test_merge_command_refuses_bad_input_before_work_and_reads_plain_state_dicts(tmp_path,
