@@ -64,6 +64,15 @@ class PermutationSpec:
           query/key features and V's and the output projection's value features of one
           attention layer), ``None`` when the heads stay in place; with ``within`` true
           each head's d features are permuted too (one permutation per head), else not.
+        * ``("grouped", group, G, r, d, base, rho)``: an axis of G·r·d features read as the
+          query heads of grouped-query attention: G key/value groups of r query heads of d
+          features (unit ``(g·r + i)·d + j``; query head g·r + i reads key/value head g).
+          The groups move as wholes under the head permutation ``group`` (the one of the
+          key/value heads; ``None``: in place); within each group its r query heads are
+          permuted by ``rho`` (one permutation of r per group; ``None``: in place); the d
+          features of every query head of group g follow the within-head permutation of
+          head g of the "heads" permutation ``base`` (the key heads for Q, the value heads
+          for the output projection; ``None`` or a base without ``within``: in place).
         * ``("cat", parts, sizes)``: an axis made of consecutive segments (a fused QKV
           projection); segment j has ``sizes[j]`` units under permutation ``parts[j]``
           (``None``: unpermuted). A permutation may be a segment of several axes.
@@ -99,9 +108,17 @@ class PermutationSpec:
 
     @property
     def head_groups(self) -> dict[str, int]:
-        """Head permutation name → number of heads."""
+        """Head permutation name → number of heads (of key/value groups with grouped-query
+        attention)."""
         return {entry[1]: int(entry[2]) for entry in self.structure.values()
-                if entry[0] == "heads" and entry[1] is not None}
+                if entry[0] in ("heads", "grouped") and entry[1] is not None}
+
+    @property
+    def query_groups(self) -> dict[str, tuple[int, int]]:
+        """Within-group query-head permutation name (grouped-query attention) → (G, r):
+        one permutation of r query heads for each of the G groups."""
+        return {entry[6]: (int(entry[2]), int(entry[3])) for entry in self.structure.values()
+                if entry[0] == "grouped" and entry[6] is not None}
 
     @property
     def free(self) -> list[str]:
@@ -169,20 +186,34 @@ def coerce_spec(spec: PermutationSpec | Mapping[str, Sequence[str | None]],
 
 
 def _referenced(structure: Mapping[str, tuple], name: str) -> bool:
-    return name in structure or any(e[0] == "cat" and name in e[1] for e in structure.values())
+    return name in structure or any((e[0] == "cat" and name in e[1])
+                                    or (e[0] == "grouped" and e[5] == name)
+                                    for e in structure.values())
 
 
 def _structured_size(entry: tuple) -> int:
     if entry[0] == "heads":
         return int(entry[2]) * int(entry[3])
+    if entry[0] == "grouped":
+        return int(entry[2]) * int(entry[3]) * int(entry[4])
     return int(sum(entry[2]))
 
 
 def _check_structure(structure: Mapping[str, tuple], sizes: Mapping[str, int]) -> None:
     for name, entry in structure.items():
-        if entry[0] not in ("heads", "cat"):
-            raise ConfigError(f"structure of '{name}' must be ('heads', group, H, d, within) or "
-                              f"('cat', parts, sizes); got {entry!r}.")
+        if entry[0] not in ("heads", "cat", "grouped") or len(entry) != {
+                "heads": 5, "cat": 3, "grouped": 7}[entry[0]]:
+            raise ConfigError(f"structure of '{name}' must be ('heads', group, H, d, within), "
+                              "('grouped', group, G, r, d, base, rho) or ('cat', parts, "
+                              f"sizes); got {entry!r}.")
+        if entry[0] == "grouped" and entry[5] is not None:
+            base = structure.get(entry[5])
+            if (base is None or base[0] != "heads" or base[1] != entry[1]
+                    or (int(base[2]), int(base[3])) != (int(entry[2]), int(entry[4]))):
+                raise ConfigError(
+                    f"grouped-query permutation '{name}' {entry!r} shares the features of "
+                    f"'{entry[5]}', which must be a ('heads', {entry[1]!r}, {entry[2]}, "
+                    f"{entry[4]}, within) permutation (its key/value heads); got {base!r}.")
         if name in sizes and sizes[name] != _structured_size(entry):
             raise ConfigError(f"permutation '{name}' acts on axes of {sizes[name]} units but its "
                               f"structure {entry!r} has {_structured_size(entry)}.")
@@ -195,17 +226,22 @@ def _check_structure(structure: Mapping[str, tuple], sizes: Mapping[str, int]) -
 
 def expand_permutations(spec: PermutationSpec, free: Mapping[str, torch.Tensor],
                         heads: Mapping[str, torch.Tensor] | None = None,
-                        within: Mapping[str, torch.Tensor] | None = None
+                        within: Mapping[str, torch.Tensor] | None = None,
+                        rho: Mapping[str, torch.Tensor] | None = None
                         ) -> dict[str, torch.Tensor]:
     """The flat permutation of every permutation of the spec, from its free parts.
 
     ``free``: free permutation name → LongTensor; ``heads``: head group → LongTensor σ of
-    the H heads; ``within``: ("heads" permutation) name → (H, d) LongTensor τ. Missing
-    entries are the identity. A "heads" permutation is ``perm[h·d + j] = σ[h]·d + τ[h, j]``
-    (head h of the result is head σ[h] of the input, its feature j that head's feature
-    τ[h, j]); a "cat" permutation is its segments' permutations, offset, end to end.
+    the H heads; ``within``: ("heads" permutation) name → (H, d) LongTensor τ; ``rho``:
+    within-group query-head permutation name → (G, r) LongTensor ρ. Missing entries are
+    the identity. A "heads" permutation is ``perm[h·d + j] = σ[h]·d + τ[h, j]`` (head h of
+    the result is head σ[h] of the input, its feature j that head's feature τ[h, j]); a
+    "grouped" one is ``perm[(g·r + i)·d + j] = (σ[g]·r + ρ[g, i])·d + τ_base[g, j]`` (query
+    head i of group g of the result is query head ρ[g, i] of group σ[g] of the input, its
+    features ordered as those of key/value head g); a "cat" permutation is its segments'
+    permutations, offset, end to end.
     """
-    heads, within = dict(heads or {}), dict(within or {})
+    heads, within, rho = dict(heads or {}), dict(within or {}), dict(rho or {})
     out: dict[str, torch.Tensor] = {}
 
     def flat(name: str | None, size: int) -> torch.Tensor:
@@ -223,6 +259,19 @@ def expand_permutations(spec: PermutationSpec, free: Mapping[str, torch.Tensor],
             tau = (torch.as_tensor(within[name]).long().reshape(h, d)
                    if has_within and name in within else torch.arange(d).expand(h, d))
             value = (sigma[:, None] * d + tau).reshape(-1)
+        elif entry[0] == "grouped":
+            _, group, g, r, d, base, rho_name = entry
+            sigma = (torch.as_tensor(heads[group]).long() if group is not None and group in heads
+                     else torch.arange(g))
+            inner = (torch.as_tensor(rho[rho_name]).long().reshape(g, r)
+                     if rho_name is not None and rho_name in rho
+                     else torch.arange(r).expand(g, r))
+            base_entry = spec.structure.get(base) if base is not None else None
+            tau = (torch.as_tensor(within[base]).long().reshape(g, d)
+                   if base_entry is not None and base_entry[4] and base in within
+                   else torch.arange(d).expand(g, d))
+            heads_of = sigma[:, None] * r + inner  # (G, r): the input query head of each
+            value = (heads_of[:, :, None] * d + tau[:, None, :]).reshape(-1)
         else:
             pieces, offset = [], 0
             for part, part_size in zip(entry[1], entry[2]):
@@ -584,23 +633,50 @@ class _Tracer:
                         changed = True
                     continue
                 outer, inner = found
+                grouped = self._grouped(outer)
                 for part, label in ((outer, "head"), (inner, "within-head")):
-                    if part != fixed and (part in exposed or part in uf.struct):
+                    if part != fixed and (part in exposed or (
+                            part in uf.struct and not (label == "head" and grouped))):
                         uf.fix(part)
                         changed = True
                         self.notes.append(f"the {label} axis of a split of {_sizes} features "
                                           "also appears on its own (on a parameter, or split "
-                                          "again, as when grouped-query attention repeats its "
-                                          "key/value heads): it is left unpermuted; pass spec= "
-                                          "by hand to permute it")
+                                          "again): it is left unpermuted; pass spec= by hand "
+                                          "to permute it")
                 outer, inner = uf.find(outer), uf.find(inner)
-                if inner != fixed and (outer == fixed or any(
-                        inner in roots and outer not in roots for roots in values)):
+                # the features within a head move head by head; the query heads of grouped-
+                # query attention (G groups × r heads) move theirs group by group, as the
+                # key/value head of their group (one more "prod" (G, these features) class)
+                grouped = self._grouped(outer)
+                cond = grouped[0] if grouped else outer
+                if inner != fixed and grouped and not any(
+                        uf.find(r) == r and e[0] == "prod"
+                        and [uf.find(v) for v in e[1]] == [cond, inner]
+                        for r, e in uf.struct.items()):
+                    uf.fix(inner)
+                    changed = True
+                    self.notes.append(f"the query heads of a split of {_sizes} features read "
+                                      "grouped key/value heads that are not split from one "
+                                      "axis: the features within the heads are left in place")
+                if inner != fixed and (cond == fixed or any(
+                        inner in roots and cond not in roots for roots in values)):
                     uf.fix(inner)  # the dims cannot move head by head: left unpermuted
                     changed = True
                 if outer == fixed and uf.find(inner) == fixed:
                     uf.fix(root)
                     changed = True
+
+    def _grouped(self, outer: int) -> tuple[int, int] | None:
+        """(G, r) roots when the head axis ``outer`` is itself G groups × r heads with
+        unstructured parts (the query heads of grouped-query attention), else None."""
+        uf = self.uf
+        entry = uf.struct.get(uf.find(outer)) if uf.find(outer) != uf.FIXED else None
+        if entry is None or entry[0] != "prod":
+            return None
+        g, r = (uf.find(v) for v in entry[1])
+        if g in uf.struct or r in uf.struct:
+            return None
+        return g, r
 
     def call(self, node: Any, shape: tuple[int, ...] | None) -> Any:
         target = node.target
@@ -730,8 +806,9 @@ class _Tracer:
         """softmax(Q Kᵀ/√d + mask) V over (…, heads, positions, dims) operands, any backend:
         batch and head axes of Q, K, V and the output are tied, Q's and K's last axes are
         contracted (tied), K's and V's positions are tied, V's last axis is the output's.
-        With fewer K/V heads than Q heads (grouped-query attention) the heads are left
-        unpermuted."""
+        With G K/V heads and G·r Q heads (grouped-query attention, ``enable_gqa=True``:
+        query head g·r + i reads key/value head g) Q's head axis is G groups × r heads,
+        the groups tied to the K/V heads."""
         if name == "_native_multi_head_attention":
             return self.native_mha(node)
         q, k, v = (self.of(a) for a in node.args[:3])
@@ -748,12 +825,17 @@ class _Tracer:
                 if sq[axis] == sk[axis] == sv[axis]:
                     self.uf.union(q[axis], k[axis])
                     self.uf.union(k[axis], v[axis])
-                else:  # grouped-query attention or broadcasting over heads
+                elif (axis == lead - 1 and sk[axis] == sv[axis] and 0 < sk[axis] < sq[axis]
+                      and sq[axis] % sk[axis] == 0):  # grouped-query: G groups × r heads
+                    self.uf.union(k[axis], v[axis])
+                    self.uf.structure(q[axis], "prod", (k[axis], self.uf.new()),
+                                      (sk[axis], sq[axis] // sk[axis]))
+                else:  # broadcasting over heads
                     for t in (q, k, v):
                         self.uf.fix(t[axis])
                     self.notes.append(f"attention '{node.name}' has {sq[axis]} query but "
-                                      f"{sk[axis]} key/value heads (grouped-query): its heads "
-                                      "are left unpermuted")
+                                      f"{sk[axis]} key/value heads (not a multiple): its "
+                                      "heads are left unpermuted")
             self.uf.union(q[-1], k[-1])
             self.uf.union(k[-2], v[-2])
             out = tuple(q[:-1]) + (v[-1],)
@@ -1151,6 +1233,7 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
                                    + ("" if first[1] == 0 else f".axis{first[1]}"))
     structure: dict[str, tuple] = {}
     heads: dict[int, str] = {}
+    query_heads: dict[int, str] = {}
     todo = [r for r in labels if r in uf.struct]
     while todo:
         root = todo.pop(0)
@@ -1173,6 +1256,33 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
             structure[label] = ("cat", tuple(names_of), tuple(sizes))
         else:
             outer, inner = found
+            grouped = tracer._grouped(outer)
+            if grouped is not None:  # query heads of grouped-query attention
+                g_root, r_root = grouped
+                g_size = int(uf.struct[outer][2][0])
+                group = None
+                if g_root != uf.FIXED:
+                    if g_root not in heads:
+                        heads[g_root] = fresh_label("H_" + label.removeprefix("P_"))
+                    group = heads[g_root]
+                rho = None
+                if r_root != uf.FIXED:
+                    if r_root not in query_heads:
+                        query_heads[r_root] = fresh_label("Q_" + label.removeprefix("P_"))
+                    rho = query_heads[r_root]
+                base = None
+                if g_root != uf.FIXED:
+                    base_root = next((r for r, e in uf.struct.items()
+                                      if uf.find(r) == r and e[0] == "prod"
+                                      and [uf.find(v) for v in e[1]] == [g_root, inner]), None)
+                    if base_root is not None:
+                        if base_root not in labels:  # carried by no parameter by itself
+                            labels[base_root] = fresh_label(f"{label}.kv")
+                        base = labels[base_root]
+                        todo.append(base_root)
+                structure[label] = ("grouped", group, g_size, int(sizes[0]) // g_size,
+                                    int(sizes[1]), base, rho)
+                continue
             group = None
             if outer != uf.FIXED:
                 if outer not in heads:
@@ -1263,6 +1373,24 @@ def traced(model: nn.Module, inputs: torch.Tensor) -> Traced:
         elif entry[0] == "heads" and entry[1] is None:
             tracer.notes.append(f"'{label}': the {entry[2]} heads stay in place (only the "
                                 "features within each head are permuted)")
+        elif entry[0] == "grouped":
+            _, group, g, r, d, base, rho = entry
+            within = base is not None and structure[base][4]
+            tracer.notes.append(
+                f"'{label}': grouped-query attention, {g} key/value groups of {r} query heads "
+                f"of {d} features; permuted: "
+                + ", ".join([part for part, keep in (
+                    ("the groups (as wholes, with their key/value heads"
+                     + (f" in '{base}')" if base else ")"), group is not None),
+                    ("the query heads within each group", rho is not None),
+                    (f"the features within each head (shared by the {r} query heads of a "
+                     f"group and its key/value head in '{base}')", within)) if keep] or ["none"])
+                + "; left in place: "
+                + ", ".join([part for part, moved in (
+                    ("the groups", group is not None),
+                    ("the query heads within each group", rho is not None),
+                    ("the features within each head (an operation pairs or mixes them, e.g. "
+                     "rotary position embeddings)", within)) if not moved] or ["nothing"]))
     if not perms:
         tracer.notes.append("no hidden units can be permuted in this model")
     spec = PermutationSpec(perms, axes, "traced", tuple(dict.fromkeys(tracer.notes)),
