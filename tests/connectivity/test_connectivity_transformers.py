@@ -81,6 +81,9 @@ def _random_permutation(spec, seed: int) -> dict[str, torch.Tensor]:
     for k, t in state.tau.items():
         state.tau[k] = torch.stack([torch.randperm(t.shape[1], generator=g)
                                     for _ in range(t.shape[0])])
+    for k, t in state.rho.items():  # query heads within the groups of grouped-query attention
+        state.rho[k] = torch.stack([torch.randperm(t.shape[1], generator=g)
+                                    for _ in range(t.shape[0])])
     return state.flat()
 
 
@@ -148,28 +151,133 @@ def test_activation_matching_recovers_a_random_head_permutation(name):
         assert torch.allclose(aligned[key], value, rtol=0, atol=0), key
 
 
-def test_grouped_query_attention_leaves_heads_in_place_and_keeps_the_function():
-    class GQA(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
-            self.out = nn.Linear(8, 8)
-            self.head = nn.Linear(8, 2)
+class GQA(nn.Module):
+    """Grouped-query attention over a residual stream: G key/value heads, each read by r
+    query heads, d features per head; K/V repeated by ``enable_gqa=True`` (SDPA) or by
+    Hugging Face's ``repeat_kv`` (expand + reshape)."""
 
+    def __init__(self, form: str, groups: int = 2, repeat: int = 3, dim: int = 3) -> None:
+        super().__init__()
+        self.form, self.g, self.r, self.d = form, groups, repeat, dim
+        width = 12
+        self.embed = nn.Linear(5, width)
+        self.q = nn.Linear(width, groups * repeat * dim)
+        self.k, self.v = nn.Linear(width, groups * dim), nn.Linear(width, groups * dim)
+        self.out = nn.Linear(groups * repeat * dim, width)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        g, r, d = self.g, self.r, self.d
+        z = self.embed(x)
+        q = self.q(z).reshape(n, t, g * r, d).transpose(1, 2)
+        k = self.k(z).reshape(n, t, g, d).transpose(1, 2)
+        v = self.v(z).reshape(n, t, g, d).transpose(1, 2)
+        if self.form == "sdpa":
+            a = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:  # transformers' repeat_kv
+            k = k[:, :, None].expand(n, g, r, t, d).reshape(n, g * r, t, d)
+            v = v[:, :, None].expand(n, g, r, t, d).reshape(n, g * r, t, d)
+            a = nn.functional.scaled_dot_product_attention(q, k, v)
+        a = self.out(a.transpose(1, 2).reshape(n, t, g * r * d))
+        return self.head((z + a).mean(1))
+
+
+def _gqa_by_hand(model: GQA, seed: int) -> GQA:
+    """A copy of the GQA block permuted by index, from the symmetry itself (not the spec):
+    σ over the G groups (K head g, V head g and query heads g·r … g·r + r − 1 together),
+    ρ_g over the query heads of group g, τ_g (shared by K head g and group g's query
+    heads) and υ_g (V head g and group g's output-projection blocks), and the residual."""
+    g, r, d = model.g, model.r, model.d
+    gen = torch.Generator().manual_seed(seed)
+    sigma = torch.randperm(g, generator=gen)
+    rho = torch.stack([torch.randperm(r, generator=gen) for _ in range(g)])
+    tau = torch.stack([torch.randperm(d, generator=gen) for _ in range(g)])
+    ups = torch.stack([torch.randperm(d, generator=gen) for _ in range(g)])
+    res = torch.randperm(12, generator=gen)
+    q_rows = torch.tensor([(int(sigma[a]) * r + int(rho[a, i])) * d + int(tau[a, j])
+                           for a in range(g) for i in range(r) for j in range(d)])
+    o_cols = torch.tensor([(int(sigma[a]) * r + int(rho[a, i])) * d + int(ups[a, j])
+                           for a in range(g) for i in range(r) for j in range(d)])
+    k_rows = torch.tensor([int(sigma[a]) * d + int(tau[a, j]) for a in range(g) for j in range(d)])
+    v_rows = torch.tensor([int(sigma[a]) * d + int(ups[a, j]) for a in range(g) for j in range(d)])
+    out = GQA(model.form, g, r, d).to(model.embed.weight.dtype)
+    with torch.no_grad():
+        out.embed.weight.copy_(model.embed.weight[res])
+        out.embed.bias.copy_(model.embed.bias[res])
+        for name, rows in (("q", q_rows), ("k", k_rows), ("v", v_rows)):
+            getattr(out, name).weight.copy_(getattr(model, name).weight[rows][:, res])
+            getattr(out, name).bias.copy_(getattr(model, name).bias[rows])
+        out.out.weight.copy_(model.out.weight[res][:, o_cols])
+        out.out.bias.copy_(model.out.bias[res])
+        out.head.weight.copy_(model.head.weight[:, res])
+        out.head.bias.copy_(model.head.bias)
+    return out
+
+
+@pytest.mark.parametrize("form", ["sdpa", "repeat_kv"])
+def test_grouped_query_attention_permutes_groups_query_heads_and_features(form):
+    """Ground truth: a permutation of the groups, of the query heads within each group and
+    of the features within each head, applied by index from the symmetry of grouped-query
+    attention, computes A's function and is undone exactly by weight matching."""
+    torch.manual_seed(0)
+    model, x = GQA(form).double(), torch.randn(3, 5, 5, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    q, out = spec.axes["q.weight"][0], spec.axes["out.weight"][1]
+    k, v = spec.axes["k.weight"][0], spec.axes["v.weight"][0]
+    group = spec.structure[k][1]
+    assert group is not None and spec.structure[k] == ("heads", group, 2, 3, True)
+    assert spec.structure[v] == ("heads", group, 2, 3, True)
+    rho = spec.structure[q][6]
+    assert rho is not None
+    assert spec.structure[q] == ("grouped", group, 2, 3, 3, k, rho)
+    assert spec.structure[out] == ("grouped", group, 2, 3, 3, v, rho)
+    assert spec.query_groups == {rho: (2, 3)} and spec.head_groups == {group: 2}
+    assert any("grouped-query" in n and "left in place: nothing" in n for n in spec.notes)
+    permuted = _gqa_by_hand(model, seed=2)
+    ref = _out(model, x)
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert (_out(permute_model(model, spec, _random_permutation(spec, seed=7)), x)
+            - ref).abs().max() <= 1e-12 * ref.abs().max()
+    result = align(model, permuted, example_input=x)
+    assert result.function_relative_error <= 1e-5
+    aligned = dict(result.model.named_parameters())
+    for key, value in model.named_parameters():
+        assert torch.equal(aligned[key], value), key
+
+
+def test_activation_matching_recovers_a_grouped_query_permutation():
+    torch.manual_seed(1)
+    model = GQA("sdpa").double()
+    permuted = _gqa_by_hand(model, seed=3)
+    data = torch.randn(64, 5, 5, dtype=torch.float64)
+    result = align(model, permuted, method="activations", data=data)
+    assert result.function_relative_error <= 1e-5 and not result.unmatched
+    aligned = dict(result.model.named_parameters())
+    for key, value in model.named_parameters():
+        assert torch.equal(aligned[key], value), key
+
+
+def test_grouped_query_models_with_other_groupings_are_refused_before_matching():
+    from ridgeline.errors import ConfigError
+
+    a = GQA("sdpa", groups=2, repeat=3, dim=3).double()  # q: 18 features, k/v: 6
+    b = GQA("sdpa", groups=3, repeat=3, dim=2).double()  # same shapes, other heads
+    with pytest.raises(ConfigError, match="different heads"):
+        align(a, b, example_input=torch.randn(2, 4, 5, dtype=torch.float64))
+
+
+def test_heads_behind_an_unknown_operation_name_it_and_suggest_a_spec():
+    from ridgeline.errors import UnsupportedOperationError
+
+    class Rolled(GQA):
         def forward(self, x):
             n, t, _ = x.shape
-            q = self.q(x).reshape(n, t, 4, 2).transpose(1, 2)
-            k = self.k(x).reshape(n, t, 2, 2).transpose(1, 2)
-            v = self.v(x).reshape(n, t, 2, 2).transpose(1, 2)
-            a = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            return self.head(self.out(a.transpose(1, 2).reshape(n, t, 8)).mean(1))
+            q = torch.roll(self.q(self.embed(x)).reshape(n, t, 6, 3), 1, dims=2)
+            return self.head(q.reshape(n, t, 18)[..., :12].mean(1))
 
-    model, x = GQA().double(), torch.randn(3, 5, 8, dtype=torch.float64)
-    spec = permutation_spec(model, example_input=x)
-    assert any("grouped-query" in note for note in spec.notes)
-    assert all(e[1] is None for e in spec.structure.values() if e[0] == "heads")
-    permuted = permute_model(model, spec, _random_permutation(spec, seed=2))
-    assert (_out(permuted, x) - _out(model, x)).abs().max() <= 1e-12
+    with pytest.raises(UnsupportedOperationError, match=r"aten\.roll.*spec="):
+        permutation_spec(Rolled("sdpa"), example_input=torch.randn(2, 4, 5))
 
 
 def test_models_with_other_head_counts_are_refused_before_matching():
@@ -239,32 +347,46 @@ def test_weight_matching_started_at_the_answer_stays_there_with_heads():
     assert all(torch.equal(first[p], again[p]) for p in spec.perms)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_llama_rmsnorm_rotary_and_grouped_query_attention(kv_heads):
+@pytest.mark.parametrize("kv_heads,attn", [(4, "sdpa"), (2, "sdpa"), (2, "eager")])
+def test_llama_rmsnorm_rotary_and_grouped_query_attention(kv_heads, attn):
     """Rotary embeddings keep the query/key features in place (heads still move); grouped-
-    query attention keeps the heads in place; RMSNorm scales follow the residual stream."""
+    query attention (sdpa: enable_gqa; eager: repeat_kv) moves the key/value groups with
+    their query heads, the query heads within each group and the value features; RMSNorm
+    scales follow the residual stream."""
     cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=kv_heads,
                                    vocab_size=40, max_position_embeddings=32,
-                                   attn_implementation="sdpa")
+                                   attn_implementation=attn)
     torch.manual_seed(0)
     model, x = transformers.LlamaForCausalLM(cfg).double().eval(), torch.randint(0, 40, (2, 7))
     spec = permutation_spec(model, example_input=x)
     residual = spec.axes["model.norm.weight"][0]
     assert residual is not None
     assert spec.axes["model.layers.0.input_layernorm.weight"] == (residual,)
+    assert any("rotary" in note for note in spec.notes)
+    prefix = "model.layers.0.self_attn."
+    q, k = spec.axes[prefix + "q_proj.weight"][0], spec.axes[prefix + "k_proj.weight"][0]
+    v, o = spec.axes[prefix + "v_proj.weight"][0], spec.axes[prefix + "o_proj.weight"][1]
     if kv_heads == 4:
-        qk = spec.axes["model.layers.0.self_attn.q_proj.weight"][0]
-        assert spec.structure[qk][1] is not None and spec.structure[qk][4] is False
-        assert any("rotary" in note for note in spec.notes)
+        assert q == k and spec.structure[qk := q][1] is not None
+        assert spec.structure[qk][4] is False and spec.structure[v][4] is True
     else:
-        assert spec.axes["model.layers.0.self_attn.q_proj.weight"][0] is None
-        assert any("grouped-query" in note for note in spec.notes)
-    permuted = permute_model(model, spec, _random_permutation(spec, seed=5))
+        group = spec.structure[k][1]
+        assert spec.structure[k] == ("heads", group, 2, 4, False)  # rotary: features stay
+        assert spec.structure[v] == ("heads", group, 2, 4, True)
+        rho = spec.structure[q][6]
+        assert group is not None and rho is not None
+        assert spec.structure[q] == ("grouped", group, 2, 2, 4, k, rho)
+        assert spec.structure[o] == ("grouped", group, 2, 2, 4, v, rho)
+        assert any("grouped-query" in note and "rotary" in note for note in spec.notes)
+    permutation = _random_permutation(spec, seed=5)
+    assert all(not torch.equal(p, torch.arange(p.numel())) for p in permutation.values())
+    permuted = permute_model(model, spec, permutation)
     ref = _out(model, x)
     # LlamaRMSNorm computes in float32 whatever the model's dtype: round-off ~1e-8
     assert (_out(permuted, x) - ref).abs().max() <= 1e-5 * ref.abs().max()
     result = align(model, permuted, example_input=x)
+    assert result.function_relative_error <= 1e-5
     for key, value in model.named_parameters():
         assert torch.equal(dict(result.model.named_parameters())[key], value), key
 

@@ -15,6 +15,16 @@ problems as Git Re-Basin, one level at a time:
   C_F[(h, ·), (σ(h), ·)] (Verma & Elbayad 2024, "Merging text transformer models from
   different initializations"; Imfeld et al. 2024, "Transformer fusion with optimal
   transport", match heads as wholes in the same way).
+
+Grouped-query attention (G key/value heads, each read by a group of r query heads) adds
+"grouped" permutations (the query projection's output and the output projection's input:
+G groups × r query heads × d features). The head step of such a layer moves the G groups:
+a group's similarity adds, to its key and value heads' blocks, the best matching of its r
+query heads (an r × r assignment on the query heads' best d × d matchings, summed over Q
+and the output projection, which share it); then within each matched group the query-head
+order ρ and the feature orders τ (one shared by the key head and all Q blocks of the group,
+one by the value head and all output-projection blocks) are solved alternately, each an
+exact assignment given the others, until they stop changing.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ class StructuredState:
         self.sigma = {g: torch.arange(h) for g, h in spec.head_groups.items()}
         self.tau = {f: torch.arange(e[3]).repeat(e[2], 1) for f, e in spec.structure.items()
                     if e[0] == "heads" and e[4]}
+        self.rho = {q: torch.arange(r).repeat(g, 1) for q, (g, r) in spec.query_groups.items()}
 
     def start_from(self, flat: Mapping[str, torch.Tensor]) -> None:
         """Take free parts from flat permutations (e.g. a previous matching's result)."""
@@ -51,6 +62,14 @@ class StructuredState:
             if p in flat:
                 self.free[p] = torch.as_tensor(flat[p]).long()
         for f, e in self.spec.structure.items():
+            if e[0] == "grouped" and f in flat:
+                g, r, d = int(e[2]), int(e[3]), int(e[4])
+                blocks = torch.as_tensor(flat[f]).long().reshape(g, r, d)[:, :, 0] // d
+                sigma = blocks[:, 0] // r
+                if e[1] is not None:
+                    self.sigma[e[1]] = sigma
+                if e[6] is not None:
+                    self.rho[e[6]] = blocks - sigma[:, None] * r
             if e[0] != "heads" or f not in flat:
                 continue
             h, d = int(e[2]), int(e[3])
@@ -62,15 +81,28 @@ class StructuredState:
                 self.tau[f] = value - sigma[:, None] * d
 
     def flat(self) -> dict[str, torch.Tensor]:
-        return expand_permutations(self.spec, self.free, self.sigma, self.tau)
+        return expand_permutations(self.spec, self.free, self.sigma, self.tau, self.rho)
 
     def units(self) -> list[tuple[str, str, list[str]]]:
         """(kind, key, the permutations whose cost it needs): one per assignment step."""
         units = [("free", p, [p]) for p in self.free]
         groups: dict[str, list[str]] = {}
-        for f, e in self.spec.structure.items():
+        structure = self.spec.structure
+        for f, e in structure.items():
             if e[0] == "heads" and (e[1] is not None or e[4]):
                 groups.setdefault(e[1] if e[1] is not None else "within:" + f, []).append(f)
+        for f, e in structure.items():  # grouped-query: with their key/value heads
+            if e[0] != "grouped":
+                continue
+            if e[1] is not None:
+                key = e[1]
+            elif e[5] is not None and structure[e[5]][4]:
+                key = "within:" + e[5]
+            elif e[6] is not None:
+                key = "rho:" + e[6]
+            else:
+                continue
+            groups.setdefault(key, []).append(f)
         units += [("heads", g, members) for g, members in groups.items()]
         return units
 
@@ -117,29 +149,83 @@ def _lap(cost: np.ndarray) -> tuple[np.ndarray, float]:
 
 def solve_unit(spec: PermutationSpec, kind: str, key: str, members: list[str],
                costs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The best assignment of one unit given the costs of its permutations."""
+    """The best assignment of one unit given the costs of its permutations (heads first,
+    then the query heads and features within each matched head or group)."""
     if kind == "free":
         cols, _ = _lap(costs[key].numpy())
         return {"free": torch.as_tensor(cols, dtype=torch.long)}
-    first = spec.structure[members[0]]
-    h, d = int(first[2]), int(first[3])
+    structure = spec.structure
+    first = structure[members[0]]
+    h = int(first[2])
     has_group = first[1] is not None
+    pairs = [(a, b) for a in range(h) for b in (range(h) if has_group else (a,))]
     score = np.zeros((h, h))
     blocks = {}
-    for f in members:
+    heads_members = [f for f in members if structure[f][0] == "heads"]
+    grouped = [f for f in members if structure[f][0] == "grouped"]
+    for f in heads_members:
+        d = int(structure[f][3])
         c = costs[f].numpy().reshape(h, d, h, d).transpose(0, 2, 1, 3)  # [h, h', j, j']
         blocks[f] = c
-        within = spec.structure[f][4]
-        for a in range(h):
-            for b in range(h) if has_group else (a,):
-                score[a, b] += _lap(c[a, b])[1] if within else float(np.trace(c[a, b]))
+        within = structure[f][4]
+        for a, b in pairs:
+            score[a, b] += _lap(c[a, b])[1] if within else float(np.trace(c[a, b]))
+    # grouped-query: the query heads of group a (A) and b (B), each pair matched at its best
+    # features, summed over the permutations sharing one query-head order, r × r per pair
+    relaxed: dict[str, np.ndarray] = {}
+    for f in grouped:
+        _, _, g, r, d, base, rho = structure[f]
+        c = costs[f].numpy().reshape(g, r, d, g, r, d).transpose(0, 3, 1, 4, 2, 5)
+        blocks[f] = c  # [a, b, i, i', j, j']
+        within = base is not None and structure[base][4]
+        acc = relaxed.setdefault(rho if rho is not None else "fixed:" + f, np.zeros((g, g, r, r)))
+        for a, b in pairs:
+            for i in range(r):
+                for i2 in range(r) if rho is not None else (i,):
+                    acc[a, b, i, i2] += (_lap(c[a, b, i, i2])[1] if within
+                                         else float(np.trace(c[a, b, i, i2])))
+    for name, acc in relaxed.items():
+        for a, b in pairs:
+            score[a, b] += (float(np.trace(acc[a, b])) if name.startswith("fixed:")
+                            else _lap(acc[a, b])[1])
     sigma = _lap(score)[0] if has_group else np.arange(h)
-    tau = {}
-    for f in members:
-        if spec.structure[f][4]:
-            tau[f] = torch.as_tensor(np.stack([_lap(blocks[f][a, sigma[a]])[0]
-                                               for a in range(h)]), dtype=torch.long)
-    return {"sigma": torch.as_tensor(sigma, dtype=torch.long), "tau": tau}
+    orders = [name for name in relaxed if not name.startswith("fixed:")]
+    tau_rows: dict[str, list[np.ndarray]] = {f: [] for f in heads_members if structure[f][4]}
+    rho_rows: dict[str, list[np.ndarray]] = {name: [] for name in orders}
+    for a in range(h):
+        b = int(sigma[a])
+        rho_a = {name: _lap(relaxed[name][a, b])[0] for name in orders}
+        for _ in range(50):  # alternate: features given query-head orders, and back
+            tau_a = {}
+            for f in tau_rows:
+                m = blocks[f][a, b].copy()
+                for q in grouped:
+                    if structure[q][5] == f:
+                        order = rho_a.get(structure[q][6], np.arange(structure[q][3]))
+                        m += sum(blocks[q][a, b, i, order[i]] for i in range(len(order)))
+                tau_a[f] = _lap(m)[0]
+            new_rho = {}
+            for name in orders:
+                r = relaxed[name].shape[2]
+                m = np.zeros((r, r))
+                for q in grouped:
+                    if structure[q][6] != name:
+                        continue
+                    base = structure[q][5]
+                    d = blocks[q].shape[-1]
+                    cols = tau_a[base] if base in tau_a else np.arange(d)
+                    m += blocks[q][a, b][:, :, np.arange(d), cols].sum(-1)
+                new_rho[name] = _lap(m)[0]
+            if all(np.array_equal(new_rho[n], rho_a[n]) for n in orders):
+                break
+            rho_a = new_rho
+        for f, t in tau_a.items():
+            tau_rows[f].append(t)
+        for name in orders:
+            rho_rows[name].append(rho_a[name])
+    tau = {f: torch.as_tensor(np.stack(rows), dtype=torch.long) for f, rows in tau_rows.items()}
+    rho = {n: torch.as_tensor(np.stack(rows), dtype=torch.long) for n, rows in rho_rows.items()}
+    return {"sigma": torch.as_tensor(sigma, dtype=torch.long), "tau": tau, "rho": rho}
 
 
 def _value(flat: torch.Tensor, cost: torch.Tensor) -> float:
@@ -196,19 +282,20 @@ def structured_weight_matching(params_a: Mapping[str, torch.Tensor],
                 continue
             old = sum(_value(flat[m], costs[m]) for m in members if m in costs)
             solved = solve_unit(spec, kind, key, members, costs)
-            saved = (dict(state.free), dict(state.sigma), dict(state.tau))
+            saved = (dict(state.free), dict(state.sigma), dict(state.tau), dict(state.rho))
             if kind == "free":
                 state.free[key] = solved["free"]
             else:
                 if key in state.sigma:
                     state.sigma[key] = solved["sigma"]
                 state.tau.update(solved["tau"])
+                state.rho.update(solved["rho"])
             new_flat = state.flat()
             new = sum(_value(new_flat[m], costs[m]) for m in members if m in costs)
             if new > old + 1e-12 * max(1.0, abs(old)):
                 improved = True
             else:
-                state.free, state.sigma, state.tau = saved
+                state.free, state.sigma, state.tau, state.rho = saved
         trace.append(_inner(a_side, apply_permutations(b_side, spec, state.flat())))
         small = (tol > 0 and len(trace) > 1
                  and trace[-1] - trace[-2] < tol * max(abs(trace[-2]), 1e-12))
@@ -239,7 +326,8 @@ def kick(spec: PermutationSpec, flat: Mapping[str, torch.Tensor], seed: int | No
          fraction: float = 0.5) -> dict[str, torch.Tensor]:
     """The flat permutations ``flat`` with about ``fraction`` of the assignment units (at
     least one) replaced by uniformly random ones: a free permutation, or a head group's head
-    order and the feature orders within its heads."""
+    order, the feature orders within its heads and (grouped-query attention) the query-head
+    orders within its groups."""
     g = torch.Generator()
     if seed is None:
         g.seed()  # fresh entropy, leaving torch's global generator alone
@@ -264,6 +352,11 @@ def kick(spec: PermutationSpec, flat: Mapping[str, torch.Tensor], seed: int | No
             if m in state.tau:
                 h, d = state.tau[m].shape
                 state.tau[m] = torch.stack([torch.randperm(d, generator=g) for _ in range(h)])
+            rho = spec.structure[m][6] if spec.structure[m][0] == "grouped" else None
+            if rho is not None:
+                groups, r = state.rho[rho].shape
+                state.rho[rho] = torch.stack([torch.randperm(r, generator=g)
+                                              for _ in range(groups)])
     return state.flat()
 
 
@@ -311,6 +404,7 @@ def solve_costs(spec: PermutationSpec, costs: Mapping[str, torch.Tensor]
             if key in state.sigma:
                 state.sigma[key] = solved["sigma"]
             state.tau.update(solved["tau"])
+            state.rho.update(solved["rho"])
     return state.flat()
 
 
