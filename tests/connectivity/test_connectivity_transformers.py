@@ -490,3 +490,51 @@ def test_bad_restarts_are_refused_before_matching(bad):
     model, other, x = _tiny_pair()
     with pytest.raises(ConfigError, match="restarts"):
         align(model, other, example_input=x, restarts=bad)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_models_are_traced_with_use_cache_false_for_every_input_of_that_shape(name):
+    """Ground truth: the model called with use_cache=False on another batch of the same
+    shape; the graph (make_fx in fake mode, transformers' own tracing path) recomputes it,
+    so no decision was taken on the traced batch's values."""
+    from ridgeline.connectivity.permutation_spec import traced
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        model, x = _gpt2("sdpa")
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       vocab_size=40, max_position_embeddings=32)
+        model, x = transformers.LlamaForCausalLM(cfg), torch.randint(0, 40, (2, 7))
+    model = model.double().eval()
+    result = traced(model, x)
+    assert not any("traced as called" in note for note in result.spec.notes)
+    state = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    other = torch.randint(0, 40, x.shape, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out = result.graph_module({k: state[k] for k in result.names
+                                   if k in dict(model.named_parameters())},
+                                  {k: state[k] for k in result.names
+                                   if k not in dict(model.named_parameters())}, other)
+        truth = model(other, use_cache=False).logits
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, truth)
+
+
+def test_a_model_that_fails_with_use_cache_false_is_traced_as_called_and_says_so():
+    class Picky(nn.Module):
+        """Takes use_cache, but reads a data-dependent size (torch.nonzero): make_fx's fake
+        mode cannot record it, its real mode can."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x, use_cache: bool = True):
+            count = torch.nonzero(x[:, 0] > -1e9).sum()
+            return self.fc2(torch.relu(self.fc1(x)) + 0 * count)
+
+    model, x = Picky().double(), torch.randn(3, 4, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    assert spec.axes["fc1.weight"][0] is not None
+    assert any("traced as called" in note and "use_cache" in note for note in spec.notes)

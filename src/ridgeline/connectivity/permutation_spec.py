@@ -1165,6 +1165,42 @@ def guess_example_input(model: nn.Module, *, batch: int = 2) -> torch.Tensor:
         "the model accepts) or pass spec= by hand. " + SPEC_HELP)
 
 
+def _trace_modes(model: nn.Module) -> list[tuple[dict[str, Any], str]]:
+    """How to call the model while tracing: (keyword arguments, make_fx tracing mode), in
+    the order tried.
+
+    A model whose ``forward`` takes ``use_cache`` (Hugging Face's GPT-2, Llama, …) is first
+    traced with ``use_cache=False``. In make_fx's default "real" mode that call fails in
+    transformers 5: with no cache and no attention mask, ``create_causal_mask`` calls
+    ``find_packed_sequence_indices(position_ids)``, which ends in
+    ``if not is_tracing(mask) and (mask[:, -1] == 0).all(): return None`` — a Python branch
+    on tensor data (``aten._local_scalar_dense``), which make_fx refuses to record; its
+    ``is_tracing`` guard sees torch.fx Proxies and FakeTensors but not make_fx's real-mode
+    tensors. In "fake" mode the guard sees FakeTensors and takes transformers' own tracing
+    path (the packed-sequence mask is computed in the graph, from the position ids only:
+    index-only operations), so the call traces, for every input of that shape. Should
+    that fail, the model is traced as called (with its default cache, built inside the
+    traced call and only indexed); every other model is traced as called, in "real" mode.
+    """
+    import inspect
+
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return ([({"use_cache": False}, "fake")] if takes else []) + [({}, "real")]
+
+
+def _symbolic_sizes(graph_module: Any) -> str | None:
+    """The first graph node whose value has a symbolic (data-dependent) size, if any."""
+    for node in graph_module.graph.nodes:
+        val = node.meta.get("val")
+        for item in val if isinstance(val, (tuple, list)) else (val,):
+            if isinstance(item, torch.Tensor) and not all(isinstance(s, int) for s in item.shape):
+                return node.name
+    return None
+
+
 def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[str]]:
     """Record one forward pass as an ATen graph and propagate the axis variables."""
     from torch.func import functional_call
@@ -1177,24 +1213,44 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     names = [*params, *buffers]
 
-    # Hugging Face models are traced as called: their default cache is created inside the
-    # traced call and only indexed, while use_cache=False makes transformers 5's
-    # create_causal_mask search the position ids for packed sequences
-    # (find_packed_sequence_indices), a data-dependent branch make_fx cannot record
-    kwargs: dict[str, Any] = {}
+    # Hugging Face models that take use_cache are traced with use_cache=False (no cache is
+    # built inside the traced call), in make_fx's "fake" mode; see _trace_modes
+    graph_module, notes, failure = None, [], None
+    modes = _trace_modes(model)
 
-    def forward(p, b, x):
-        return as_logits(functional_call(model, (p, b), (x,), kwargs))
+    def calling(kwargs: dict[str, Any]) -> Any:
+        def forward(p, b, x):
+            return as_logits(functional_call(model, (p, b), (x,), kwargs))
+        return forward
 
-    try:
-        with module_mode(model, False), torch.no_grad():
-            graph_module = make_fx(forward)(params, buffers, inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    for attempt, (kwargs, mode) in enumerate(modes):
+        forward = calling(kwargs)
+        last = attempt == len(modes) - 1
+        try:
+            with module_mode(model, False), torch.no_grad():
+                graph_module = make_fx(forward, tracing_mode=mode)(params, buffers, inputs)
+            symbolic = _symbolic_sizes(graph_module)
+            if symbolic:  # fake mode records sizes read from the data as symbols
+                graph_module = None
+                raise RuntimeError(f"the size of '{symbolic}' depends on the input's values")
+            break
+        except Exception as exc:  # noqa: BLE001 - an earlier way to call it; the last decides
+            if last and not isinstance(exc, (RuntimeError, ValueError, TypeError, IndexError,
+                                             NotImplementedError)):
+                raise
+            failure = exc
+        if not last:
+            notes.append(f"traced as called (with its default cache): the call with "
+                         f"{kwargs} failed ({type(failure).__name__}: "
+                         f"{str(failure).splitlines()[0][:160] if str(failure) else ''})")
+    if graph_module is None:
+        exc = failure
         raise UnsupportedOperationError(
             f"tracing {type(model).__name__} on an input of shape {tuple(inputs.shape)} failed: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Pass example_input= "
             "(a batch the model accepts) or spec= by hand. " + SPEC_HELP) from exc
     tracer = _Tracer(graph_module, names)
+    tracer.notes.extend(notes)
     tracer.run()
     tracer.finish()
     return graph_module, tracer, names
