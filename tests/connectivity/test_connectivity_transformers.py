@@ -399,6 +399,16 @@ def test_an_input_the_model_does_not_accept_is_refused_before_tracing():
         align(model, model, example_input=torch.randn(2, 7))  # floats, not token ids
 
 
+def test_a_sequence_longer_than_the_positions_is_refused_by_the_tracer_too():
+    """Tracing with fake tensors (use_cache=False) sees no token values: the call is checked
+    for real first, so an input the model rejects still says so."""
+    from ridgeline.errors import UnsupportedOperationError
+
+    model, _ = _gpt2()  # 16 positions
+    with pytest.raises(UnsupportedOperationError, match="index out of range.*example_input="):
+        permutation_spec(model, example_input=torch.randint(0, 40, (2, 30)))
+
+
 def test_a_hand_written_spec_with_heads_matches_the_traced_one():
     from ridgeline.connectivity import PermutationSpec
     from ridgeline.models.transformer import SelfAttention

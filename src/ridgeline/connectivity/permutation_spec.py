@@ -1228,6 +1228,8 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
         last = attempt == len(modes) - 1
         try:
             with module_mode(model, False), torch.no_grad():
+                if mode == "fake":  # fake tensors carry no values: check the call for real
+                    forward(params, buffers, inputs)
                 graph_module = make_fx(forward, tracing_mode=mode)(params, buffers, inputs)
             symbolic = _symbolic_sizes(graph_module)
             if symbolic:  # fake mode records sizes read from the data as symbols
@@ -1240,7 +1242,7 @@ def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[st
                 raise
             failure = exc
         if not last:
-            notes.append(f"traced as called (with its default cache): the call with "
+            notes.append(f"traced as called (use_cache left at its default): the call with "
                          f"{kwargs} failed ({type(failure).__name__}: "
                          f"{str(failure).splitlines()[0][:160] if str(failure) else ''})")
     if graph_module is None:
