@@ -183,7 +183,7 @@ class GQA(nn.Module):
         return self.head((z + a).mean(1))
 
 
-def _gqa_by_hand(model: GQA, seed: int) -> GQA:
+def _gqa_by_hand(model: GQA, seed: int, features: bool = True) -> GQA:
     """A copy of the GQA block permuted by index, from the symmetry itself (not the spec):
     σ over the G groups (K head g, V head g and query heads g·r … g·r + r − 1 together),
     ρ_g over the query heads of group g, τ_g (shared by K head g and group g's query
@@ -194,6 +194,8 @@ def _gqa_by_hand(model: GQA, seed: int) -> GQA:
     rho = torch.stack([torch.randperm(r, generator=gen) for _ in range(g)])
     tau = torch.stack([torch.randperm(d, generator=gen) for _ in range(g)])
     ups = torch.stack([torch.randperm(d, generator=gen) for _ in range(g)])
+    if not features:
+        tau = ups = torch.arange(d).repeat(g, 1)
     res = torch.randperm(12, generator=gen)
     q_rows = torch.tensor([(int(sigma[a]) * r + int(rho[a, i])) * d + int(tau[a, j])
                            for a in range(g) for i in range(r) for j in range(d)])
@@ -244,6 +246,26 @@ def test_grouped_query_attention_permutes_groups_query_heads_and_features(form):
     aligned = dict(result.model.named_parameters())
     for key, value in model.named_parameters():
         assert torch.equal(aligned[key], value), key
+
+
+@pytest.mark.parametrize("form", ["sdpa", "repeat_kv"])
+def test_multi_query_attention_moves_the_query_heads_and_keeps_their_features(form):
+    """One key/value head (multi-query): its features sit on k.weight by themselves, so the
+    features stay in place; the query heads (with their output-projection blocks) move."""
+    torch.manual_seed(0)
+    model, x = GQA(form, groups=1, repeat=4, dim=3).double(), torch.randn(3, 5, 5).double()
+    spec = permutation_spec(model, example_input=x)
+    entry = spec.structure[spec.axes["q.weight"][0]]
+    if entry[0] == "grouped":  # SDPA's enable_gqa: one group, its query heads move
+        assert entry[1] is None and entry[5] is None and entry[6] is not None
+    else:  # repeat_kv of one head: a plain expand, the query heads are plain heads
+        assert entry[0] == "heads" and entry[1] is not None and entry[4] is False
+    assert spec.axes["k.weight"][0] is None or spec.axes["k.weight"][0] not in spec.structure
+    permuted = _gqa_by_hand(model, seed=4, features=False)
+    result = align(model, permuted, example_input=x)
+    assert result.function_relative_error <= 1e-12
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key
 
 
 def test_activation_matching_recovers_a_grouped_query_permutation():

@@ -310,7 +310,7 @@ def default_restarts(spec: PermutationSpec) -> int:
     Git Re-Basin's single run), :data:`STRUCTURED_RESTARTS` for specs with attention heads,
     whose coordinate descent has many local optima (two MNIST-1D transformers: barriers
     1.18–2.16 over five visiting orders)."""
-    return STRUCTURED_RESTARTS if spec.head_groups else 1
+    return STRUCTURED_RESTARTS if spec.head_groups or spec.query_groups else 1
 
 
 def restart_seed(seed: int | torch.Generator | None, restart: int) -> int | None:

@@ -1319,7 +1319,7 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
                 g_root, r_root = grouped
                 g_size = int(uf.struct[outer][2][0])
                 group = None
-                if g_root != uf.FIXED:
+                if g_root != uf.FIXED and g_size > 1:  # one group (multi-query): no order
                     if g_root not in heads:
                         heads[g_root] = fresh_label("H_" + label.removeprefix("P_"))
                     group = heads[g_root]
