@@ -257,7 +257,7 @@ def test_multi_query_attention_moves_the_query_heads_and_keeps_their_features(fo
     spec = permutation_spec(model, example_input=x)
     entry = spec.structure[spec.axes["q.weight"][0]]
     if entry[0] == "grouped":  # SDPA's enable_gqa: one group, its query heads move
-        assert entry[1] is None and entry[5] is None and entry[6] is not None
+        assert entry[2] == 1 and entry[5] is None and entry[6] is not None
     else:  # repeat_kv of one head: a plain expand, the query heads are plain heads
         assert entry[0] == "heads" and entry[1] is not None and entry[4] is False
     assert spec.axes["k.weight"][0] is None or spec.axes["k.weight"][0] not in spec.structure

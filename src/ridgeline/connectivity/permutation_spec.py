@@ -1319,7 +1319,7 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
                 g_root, r_root = grouped
                 g_size = int(uf.struct[outer][2][0])
                 group = None
-                if g_root != uf.FIXED and g_size > 1:  # one group (multi-query): no order
+                if g_root != uf.FIXED:
                     if g_root not in heads:
                         heads[g_root] = fresh_label("H_" + label.removeprefix("P_"))
                     group = heads[g_root]
@@ -1448,7 +1448,8 @@ def traced(model: nn.Module, inputs: torch.Tensor) -> Traced:
                     ("the groups", group is not None),
                     ("the query heads within each group", rho is not None),
                     ("the features within each head (an operation pairs or mixes them, e.g. "
-                     "rotary position embeddings)", within)) if not moved] or ["nothing"]))
+                     "rotary position embeddings, or they sit on a parameter by themselves)",
+                     within)) if not moved] or ["nothing"]))
     if not perms:
         tracer.notes.append("no hidden units can be permuted in this model")
     spec = PermutationSpec(perms, axes, "traced", tuple(dict.fromkeys(tracer.notes)),
