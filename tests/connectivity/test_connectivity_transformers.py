@@ -236,6 +236,15 @@ def test_grouped_query_attention_permutes_groups_query_heads_and_features(form):
     assert spec.structure[out] == ("grouped", group, 2, 3, 3, v, rho)
     assert spec.query_groups == {rho: (2, 3)} and spec.head_groups == {group: 2}
     assert any("grouped-query" in n and "left in place: nothing" in n for n in spec.notes)
+    again = coerce_spec(spec, model)  # passed back in, the structure is kept and checked
+    assert again.structure == spec.structure and again.perms == spec.perms
+    from ridgeline.connectivity import PermutationSpec
+    from ridgeline.errors import ConfigError
+
+    broken = dict(spec.structure)
+    broken[q] = ("grouped", group, 2, 3, 3, q, rho)  # base: itself, not a K/V "heads"
+    with pytest.raises(ConfigError, match="shares the features"):
+        coerce_spec(PermutationSpec(spec.perms, spec.axes, structure=broken), model)
     permuted = _gqa_by_hand(model, seed=2)
     ref = _out(model, x)
     assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
@@ -246,6 +255,10 @@ def test_grouped_query_attention_permutes_groups_query_heads_and_features(form):
     aligned = dict(result.model.named_parameters())
     for key, value in model.named_parameters():
         assert torch.equal(aligned[key], value), key
+    from ridgeline.connectivity.heads import kick  # a restart's start: a valid permutation
+
+    kicked = permute_model(model, spec, kick(spec, result.permutations, seed=0, fraction=1.0))
+    assert (_out(kicked, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
 
 
 @pytest.mark.parametrize("form", ["sdpa", "repeat_kv"])
