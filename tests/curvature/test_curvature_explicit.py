@@ -213,3 +213,48 @@ def test_gradient_overlap_matches_explicit_projection():
     assert result.value == pytest.approx(expected, rel=1e-6)
     everything = curvature.gradient_overlap(model, (x, y), k=theta.numel(), tol=1e-6)
     assert everything.value == pytest.approx(1.0, rel=1e-6)
+
+
+def _relu_problem(inplace: bool, n: int = 19):
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=inplace),
+                                torch.nn.Linear(6, 5), torch.nn.ReLU(inplace=inplace),
+                                torch.nn.Linear(5, 3)).double().eval()
+    x = torch.randn(n, 4, generator=gen, dtype=F64)
+    return model, x, torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_hessian_products_match_explicit_hessian(inplace):
+    # the recorded graph holds each ReLU's mask constant (no zero branch); the products
+    # must still equal the explicit Hessian and forward-over-reverse (cache=False)
+    model, x, y = _relu_problem(inplace)
+    h = _explicit_hessian(model, x, y)
+    cached = curvature.hessian(model, (x, y))
+    fresh = curvature.hessian(model, (x, y), cache=False)
+    v = torch.randn(cached.shape[0], 4, generator=torch.Generator().manual_seed(2), dtype=F64)
+    for j in range(v.shape[1]):
+        torch.testing.assert_close(cached.matvec(v[:, j]), h @ v[:, j], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fresh.matvec(v[:, j]), h @ v[:, j], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cached.matmat(v), h @ v, rtol=1e-10, atol=1e-12)
+    # the gradient read off the recorded graph is still ∇L
+    theta, outputs = _flat(model)
+    g = torch.func.grad(lambda t: F.cross_entropy(outputs(t, x), y))(theta)
+    torch.testing.assert_close(cached.gradient(), g, rtol=1e-12, atol=1e-14)
+
+
+def test_recorded_relu_gradient_has_no_zero_branch():
+    model, x, y = _relu_problem(False)
+    op = curvature.hessian(model, (x, y))
+    recorded = op._cache()[1]
+    names, stack, seen = set(), [g.grad_fn for _, g in recorded.outputs], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(child for child, _ in node.next_functions)
+    # threshold_backward would appear as ThresholdBackwardBackward0 (with a zero branch)
+    assert "ThresholdBackwardBackward0" not in names and "MulBackward0" in names
