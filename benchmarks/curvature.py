@@ -177,6 +177,20 @@ def best_of(rows: list[Row], repeats: int) -> None:
         row.extra["timing"] = f"best of {repeats + 1}, interleaved"
 
 
+def count_flops(rows: list[Row]) -> None:
+    """Matrix-multiply FLOPs of each row's chosen setting (one more run under
+    ``torch.utils.flop_counter``): where both tools run GEMMs at the same speed, the
+    peer/ridgeline time ratio can reach about the FLOP ratio and not much more."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for row in rows:
+        if getattr(row, "rerun", None) is None:
+            continue
+        with FlopCounterMode(display=False) as counter:
+            row.rerun()
+        row.extra["GFLOP"] = f"{counter.get_total_flops() / 1e9:.1f}"
+
+
 def _pyhessian_trace(model, x, y, seed: int) -> np.ndarray:
     from pyhessian import hessian as PyHessian
 
@@ -252,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in (1, 5):
         case = [scan(name, model, x, y, k, reference) for name in args.libraries.split(",")]
         best_of(case, args.repeats - 1)
+        count_flops(case)
         rows += case
     if not args.no_trace:
         rows += trace_rows(model, x, y, args.seeds)
