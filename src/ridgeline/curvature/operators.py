@@ -161,7 +161,7 @@ def _relu_masks(loss: torch.Tensor) -> list:
         try:
             result = node._saved_result.detach()
             mask = (result > 0).to(result.dtype)
-        except RuntimeError:  # saved tensor not readable (e.g. freed, or under custom hooks)
+        except (RuntimeError, AttributeError):  # not readable (freed, custom hooks, renamed)
             continue
 
         def masked(grad_inputs, grad_outputs, mask=mask):
