@@ -11,6 +11,7 @@ from torch import nn
 from ridgeline.errors import ConfigError
 from ridgeline.optim.saf import distillation_kl
 from ridgeline.optim.schedule import KLStart
+from ridgeline.outputs import as_logits
 
 __all__ = ["EMATeacherLoss"]
 
@@ -101,14 +102,21 @@ class EMATeacherLoss:
             t.copy_(s)
         self.updates += 1
 
+    def active(self, epoch: int) -> bool:
+        """Whether the term is non-zero in ``epoch``: after ``start_epoch`` and λ > 0."""
+        return self.weight > 0 and self._start.active(epoch)
+
+    @torch.no_grad()
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on ``inputs`` (eval mode, no gradient)."""
+        return as_logits(self.teacher(inputs))
+
     def __call__(self, inputs: torch.Tensor, outputs: torch.Tensor, epoch: int) -> torch.Tensor:
         """λ τ² · mean KL(teacher ‖ student) on this batch (0 before
         :attr:`first_active_epoch`)."""
-        if not self._start.active(epoch) or self.weight == 0:
+        if not self.active(epoch):
             return outputs.new_zeros(())
-        with torch.no_grad():
-            teacher_logits = self.teacher(inputs)
-        return distillation_kl(teacher_logits, outputs, self.temperature, weight=self.weight)
+        return distillation_kl(self.logits(inputs), outputs, self.temperature, weight=self.weight)
 
     def describe(self) -> dict:
         return {"decay": self.decay, "temperature": self.temperature, "weight": self.weight,

@@ -12,7 +12,8 @@ import torch
 
 from ridgeline.errors import NonFiniteLossError
 from ridgeline.optim.mesa import EMATeacherLoss
-from ridgeline.optim.saf import TrajectoryLoss
+from ridgeline.optim.fused import cross_entropy_distillation_value_and_grad, fusable
+from ridgeline.optim.saf import TrajectoryLoss, distillation_kl_gradient
 from ridgeline.optim.sam import SAM, frozen_norm_stats
 from ridgeline.outputs import as_logits
 from ridgeline.train import (
@@ -95,10 +96,13 @@ class _PenaltyStep(StepRule):
 class SAFStep(_PenaltyStep):
     """Loss + SAF's trajectory term (no extra forward or backward pass).
 
-    The term enters the backward pass as its closed-form gradient on the logits
-    (:meth:`TrajectoryLoss.gradient`), a second root of the same backward: the update is
-    that of ``(loss + term).backward()`` without evaluating the KL, whose value training
-    never reads.
+    With cross-entropy on (B, O) logits (the trainer's default loss) the loss and the term
+    are one autograd node, :func:`~ridgeline.optim.fused.cross_entropy_distillation`: one
+    log-softmax serves both, the backward pass starts from one combined gradient on the
+    logits, and the KL's value, which training never reads, is not evaluated. With any
+    other loss (MSE, a custom callable, probability targets) the term enters the same
+    backward pass as its closed-form gradient (:meth:`TrajectoryLoss.gradient`), a second
+    root. Either way the update is that of ``(loss + term).backward()``.
     """
 
     def __init__(self, model, optimizer, loss_fn, trajectory: TrajectoryLoss) -> None:
@@ -110,13 +114,24 @@ class SAFStep(_PenaltyStep):
 
     def step(self, inputs, targets, indices, epoch):
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(inputs)
-        loss = self.loss_fn(outputs, targets)
-        check_finite(loss, epoch)
-        grad = self.trajectory.gradient(outputs, indices, epoch)
-        if grad is None:
+        outputs = as_logits(self.model(inputs))
+        trajectory = self.trajectory
+        found = trajectory.exchange(outputs, indices, epoch)
+        if found is None:
+            loss = self.loss_fn(outputs, targets)
+            check_finite(loss, epoch)
             loss.backward()
+        elif fusable(self.loss_fn, outputs, targets):
+            loss, grad = cross_entropy_distillation_value_and_grad(
+                outputs, targets, found[0], trajectory.temperature, weight=trajectory.weight,
+                mask=found[1])
+            check_finite(loss, epoch)
+            outputs.backward(grad)
         else:
+            loss = self.loss_fn(outputs, targets)
+            check_finite(loss, epoch)
+            grad = distillation_kl_gradient(found[0], outputs, trajectory.temperature,
+                                            found[1], weight=trajectory.weight)
             torch.autograd.backward((loss, outputs), (None, grad))
         self.optimizer.step()
         return loss.detach(), outputs.detach()
@@ -127,7 +142,9 @@ class SAFStep(_PenaltyStep):
 
 
 class MESAStep(_PenaltyStep):
-    """Loss + KL to an EMA teacher (one extra forward); the teacher follows every step."""
+    """Loss + KL to an EMA teacher (one extra forward); the teacher follows every step.
+    With cross-entropy on (B, O) logits the loss and the KL are one autograd node
+    (:func:`~ridgeline.optim.fused.cross_entropy_distillation`), as for SAF."""
 
     def __init__(self, model, optimizer, loss_fn, teacher: EMATeacherLoss) -> None:
         super().__init__(model, optimizer, loss_fn)
@@ -135,6 +152,25 @@ class MESAStep(_PenaltyStep):
 
     def penalty(self, inputs, outputs, indices, epoch):
         return self.teacher(inputs, outputs, epoch)
+
+    def step(self, inputs, targets, indices, epoch):
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = as_logits(self.model(inputs))
+        teacher = self.teacher
+        if teacher.active(epoch) and fusable(self.loss_fn, outputs, targets):
+            loss, grad = cross_entropy_distillation_value_and_grad(
+                outputs, targets, teacher.logits(inputs), teacher.temperature,
+                weight=teacher.weight)
+            check_finite(loss, epoch)
+            outputs.backward(grad)
+        else:
+            loss = self.loss_fn(outputs, targets)
+            check_finite(loss, epoch)
+            penalty = teacher(inputs, outputs, epoch)
+            (loss + penalty if penalty.requires_grad else loss).backward()
+        self.optimizer.step()
+        teacher.update()
+        return loss.detach(), outputs.detach()
 
     def after_step(self) -> None:
         self.teacher.update()

@@ -189,6 +189,7 @@ class TrajectoryLoss:
         self.slots = self.lag + 1
         self._device = None if device is None else torch.device(device)
         self._logits: torch.Tensor | None = None
+        self._slot_views: tuple[torch.Tensor, ...] = ()
         self._slot_epoch: list[int | None] = [None] * self.slots
         self._complete: dict[int, bool] = {}  # epoch -> every example was seen in it
         self._epoch: int | None = None
@@ -212,6 +213,7 @@ class TrajectoryLoss:
     def _allocate(self, device: torch.device) -> None:
         self._logits = torch.empty(self.slots, self.num_examples, self.num_outputs,
                                    dtype=self.dtype, device=self._device or device)
+        self._slot_views = self._logits.unbind(0)  # per-step indexing without tensor views
 
     # ------------------------------------------------------------------ epochs
     def _advance(self, epoch: int) -> None:
@@ -236,20 +238,22 @@ class TrajectoryLoss:
         self._logits[epoch % self.slots].fill_(math.nan)
 
     def _check(self, outputs: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
-        if indices is None:
-            raise DataError("TrajectoryLoss needs the training-set index of every example in the "
-                            "batch; wrap your dataset in ridgeline.optim.IndexedDataset (it yields "
-                            "(x, y, index)) and pass the indices.")
-        indices = torch.as_tensor(indices)
-        if indices.dtype.is_floating_point or indices.dim() != 1:
+        if not isinstance(indices, torch.Tensor):
+            if indices is None:
+                raise DataError("TrajectoryLoss needs the training-set index of every example in "
+                                "the batch; wrap your dataset in ridgeline.optim.IndexedDataset (it "
+                                "yields (x, y, index)) and pass the indices.")
+            indices = torch.as_tensor(indices)
+        if indices.dim() != 1 or indices.is_floating_point():
             raise DataError(f"indices must be a 1-D integer tensor, got dtype {indices.dtype} and "
                             f"shape {tuple(indices.shape)}.")
-        if outputs.dim() != 2 or outputs.shape != (indices.shape[0], self.num_outputs):
+        shape = outputs.shape
+        if len(shape) != 2 or shape[0] != indices.shape[0] or shape[1] != self.num_outputs:
             raise ShapeMismatchError(
-                f"outputs have shape {tuple(outputs.shape)} but TrajectoryLoss expects "
+                f"outputs have shape {tuple(shape)} but TrajectoryLoss expects "
                 f"({indices.shape[0]}, {self.num_outputs}) for a batch of {indices.shape[0]} "
                 "indices; pass the logits (batch, num_outputs).")
-        # on the CPU the index ops check bounds themselves (caught in __call__); elsewhere an
+        # on the CPU the index ops check bounds themselves (caught in exchange); elsewhere an
         # out-of-range index would be a device-side assert, so check first
         if indices.device.type != "cpu" or (self._device is not None and self._device.type != "cpu"):
             self._check_range(indices)
@@ -277,33 +281,48 @@ class TrajectoryLoss:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return None if bool(logits.isnan().any()) else logits
 
-    def _teacher(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int):
-        """Store this batch's logits for ``epoch``; return (teacher logits, mask) for the
-        term, or None where it is 0."""
+    def exchange(self, outputs: torch.Tensor, indices: torch.Tensor | None,
+                 epoch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Store this batch's logits for ``epoch`` and return what the term needs:
+        ``(teacher_logits, mask)`` — the logits of epoch ``epoch − lag`` for these examples,
+        in the buffer's dtype, and None or a (B,) boolean mask of the examples that have
+        them (missing ones are 0 in ``teacher_logits``) — or None where the term is 0.
+
+        This is the bookkeeping of :meth:`__call__` and :meth:`gradient` without the KL;
+        the ``"saf"`` method passes its result to
+        :func:`~ridgeline.optim.fused.cross_entropy_distillation_value_and_grad`. It runs
+        once per step, so it does no more than the checks, one gather and one scatter."""
         indices = self._check(outputs, indices)
         if self._logits is None:
             self._allocate(outputs.device)
-        epoch = int(epoch)
-        self._advance(epoch)
-        idx = indices.to(self._logits.device)
-        self._seen += int(idx.numel())
+        if epoch != self._epoch:
+            self._advance(int(epoch))
+        views = self._slot_views
+        device = views[0].device
+        if indices.device != device:
+            indices = indices.to(device)
+        self._seen += indices.shape[0]
         found = None
         past = epoch - self.lag
+        slot = past % self.slots
         try:
             # the authors' rule, `epoch > kl_start_epoch` with epochs counted from 0
-            if (self.weight > 0 and self._start.active(epoch)
-                    and self._slot_epoch[past % self.slots] == past):
-                teacher = self._logits[past % self.slots].index_select(0, idx).to(outputs.device)
+            if self._slot_epoch[slot] == past and self.weight > 0 and self._start.active(epoch):
+                teacher = views[slot].index_select(0, indices)
+                if teacher.device != outputs.device:
+                    teacher = teacher.to(outputs.device)
                 mask = None
                 if not self._complete.get(past, False):  # some examples may be missing
                     mask = ~teacher[:, 0].isnan()
                     teacher = teacher.nan_to_num(0.0)
                 if mask is None or bool(mask.any()):
                     found = teacher, mask
-            stored = outputs.detach().to(self._logits.device, self.dtype)
-            self._logits[epoch % self.slots].index_copy_(0, idx, stored)
+            stored = outputs.detach()
+            if stored.dtype != self.dtype or stored.device != device:
+                stored = stored.to(device, self.dtype)
+            views[epoch % self.slots].index_copy_(0, indices, stored)
         except IndexError:
-            self._check_range(idx)
+            self._check_range(indices)
             raise
         return found
 
@@ -311,7 +330,7 @@ class TrajectoryLoss:
         """Store this batch's logits for ``epoch`` and return λ τ² · mean KL against the
         logits of ``epoch − lag`` (0 before :attr:`first_active_epoch` or without such
         logits)."""
-        found = self._teacher(outputs, indices, epoch)
+        found = self.exchange(outputs, indices, epoch)
         if found is None:
             return outputs.new_zeros(())
         teacher, mask = found
@@ -324,7 +343,7 @@ class TrajectoryLoss:
         None where the term is 0; the KL itself is not evaluated. Train with
         ``torch.autograd.backward((loss, outputs), (None, g))`` (what the ``"saf"`` method
         does): the same update as backpropagating ``loss + saf(outputs, indices, epoch)``."""
-        found = self._teacher(outputs, indices, epoch)
+        found = self.exchange(outputs, indices, epoch)
         if found is None:
             return None
         teacher, mask = found

@@ -1,0 +1,165 @@
+"""Cross-entropy and SAF's/MESA's distillation KL in one autograd node (one softmax pass).
+
+SAF's and MESA's training loss is the mean cross-entropy plus λτ²·mean KL to a teacher's
+logits. Training reads the cross-entropy's value and the gradient of the sum; this module
+computes both with a handful of kernels and hands the backward pass one combined gradient
+on the logits (one root, no second graph), instead of torch's cross-entropy node plus a
+separate KL node.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ridgeline.losses import IGNORE_INDEX
+from ridgeline.losses import cross_entropy as _ridgeline_cross_entropy
+
+__all__ = ["cross_entropy_distillation", "cross_entropy_distillation_value_and_grad", "fusable"]
+
+#: the loss functions whose (B, O) logits / (B,) class-index form the fused node reproduces
+_CROSS_ENTROPIES = (F.cross_entropy, _ridgeline_cross_entropy)
+
+_CACHE: dict = {}
+
+
+def _constant(key: tuple, make) -> torch.Tensor:
+    """Small constant tensors (scales, coefficients, aranges) reused across steps: building
+    one costs about as much as a kernel, and a step needs several."""
+    value = _CACHE.get(key)
+    if value is None:
+        if len(_CACHE) > 256:
+            _CACHE.clear()
+        value = _CACHE[key] = make()
+    return value
+
+
+def fusable(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether :func:`cross_entropy_distillation` computes ``loss_fn(outputs, targets)``
+    exactly: ``loss_fn`` is torch's or ridgeline's cross-entropy (mean, ignore index −100),
+    ``outputs`` are (B, O) floating-point logits and ``targets`` (B,) class indices. Other
+    losses (MSE, a custom callable), probability targets and token logits (N, T, V) take
+    the unfused path."""
+    return (loss_fn in _CROSS_ENTROPIES and outputs.dim() == 2 and targets.dim() == 1
+            and not targets.is_floating_point() and targets.shape[0] == outputs.shape[0]
+            and outputs.is_floating_point())
+
+
+def cross_entropy_distillation_value_and_grad(
+        outputs: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor,
+        temperature: float, *, weight: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""(mean cross-entropy, ∂(CE + λτ²·(1/B) Σ_i m_i KL_i)/∂f) without an autograd graph.
+
+    The formulas are those of :func:`cross_entropy_distillation`; the gradient is a (B, O)
+    tensor in the dtype of ``outputs`` (a transposed view of an (O, B) tensor). Train with
+    ``outputs.backward(grad)``: one backward root, no autograd node for the loss at all,
+    which is what the ``"saf"`` and ``"mesa"`` methods do.
+    """
+    z = outputs.detach()
+    batch, classes = z.shape
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    device = z.device
+    temperature, weight = float(temperature), float(weight)
+    plain = temperature == 1.0
+    # rows f, [f/τ,] t/τ stacked as (·, O, B): one log-softmax and one exp serve all of them,
+    # along the class axis of this layout (torch's CPU (log-)softmax over a short last axis
+    # is ≈10× slower for O = 10)
+    if plain:
+        rows = torch.stack((z.t(), teacher_logits.t()))
+        if rows.dtype != dtype:
+            rows = rows.to(dtype)
+    else:
+        rows = torch.stack((z.t(), z.t(), teacher_logits.t()))
+        scale = _constant(("scale", temperature, dtype, device), lambda: torch.tensor(
+            [1.0, 1.0 / temperature, 1.0 / temperature], dtype=dtype, device=device).view(3, 1, 1))
+        rows = rows.mul_(scale) if rows.dtype == dtype else rows * scale
+    logs = torch.log_softmax(rows, dim=1)
+    cpu = device.type == "cpu"
+    if cpu:  # ignored targets show up below, where the one-hot scatter rejects −100
+        loss, n = F.nll_loss(logs[0].t(), targets), float(batch)
+    else:  # a scatter out of range would be a device-side assert: count the targets first
+        loss, counted = torch.ops.aten.nll_loss_forward.default(logs[0].t(), targets, None, 1,
+                                                                IGNORE_INDEX)
+        n = float(counted)
+    probs = logs.exp_()  # softmax(f), [softmax(f/τ),] softmax(t/τ)
+    kl = weight * temperature / batch  # ∂/∂f_i of λτ²/B·KL_i is λτ/B·(q_i − p_i)
+    grad = None
+    if mask is None and n == batch:
+        # one (1, k) × (k, O·B) product for the whole linear combination, then the one-hot
+        values = (1.0 / n + kl, -kl) if plain else (1.0 / n, kl, -kl)
+        coef = _constant(("coef", values, dtype, device),
+                         lambda: torch.tensor([values], dtype=dtype, device=device))
+        grad = torch.mm(coef, probs.view(len(values), -1)).view(classes, batch)
+        onehot = _constant(("onehot", n, dtype, device), lambda: torch.full(
+            (1, batch), -1.0 / n, dtype=dtype, device=device))
+        try:  # scatter checks bounds (it never wraps negative indices): −100 raises here
+            grad.scatter_add_(0, targets.view(1, batch), onehot)
+        except RuntimeError:
+            if not cpu:
+                raise
+            grad = None
+    if grad is None:  # ignored targets (−100) and/or examples without a teacher (mask)
+        factor = kl if mask is None else mask.to(dtype) * kl
+        grad = torch.sub(probs[-2], probs[-1]).mul_(factor)
+        keep = (targets != IGNORE_INDEX).to(dtype)
+        n = float(keep.sum())
+        if n > 0:
+            grad.add_(probs[0] * (keep / n))
+            safe = torch.where(targets == IGNORE_INDEX, 0, targets)
+            grad.scatter_add_(0, safe.view(1, batch), (keep * (-1.0 / n)).view(1, batch))
+    grad = grad.t()
+    if grad.dtype != outputs.dtype:
+        grad = grad.to(outputs.dtype)
+    return loss.to(outputs.dtype), grad
+
+
+class _CrossEntropyDistillation(torch.autograd.Function):
+    """Value: mean cross-entropy; gradient: that of CE + λτ²·(1/B) Σ_i m_i KL_i (closed form,
+    computed in the forward pass and kept for backward)."""
+
+    @staticmethod
+    def forward(ctx, outputs, targets, teacher, mask, weight, temperature):
+        loss, ctx.grad = cross_entropy_distillation_value_and_grad(
+            outputs, targets, teacher, temperature, weight=weight, mask=mask)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = ctx.grad
+        del ctx.grad
+        return grad * grad_output, None, None, None, None, None
+
+
+def cross_entropy_distillation(outputs: torch.Tensor, targets: torch.Tensor,
+                               teacher_logits: torch.Tensor, temperature: float, *,
+                               weight: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The mean cross-entropy of ``outputs``, whose backward pass is the gradient of
+
+    .. math:: \mathrm{CE}(f, y) + λ τ^2 \frac1B \sum_i m_i
+              \mathrm{KL}\big(\mathrm{softmax}(t_i/τ) \,\|\, \mathrm{softmax}(f_i/τ)\big),
+
+    SAF's and MESA's training loss (Du et al. 2022), with the teacher logits t held fixed:
+
+    .. math:: \frac{∂}{∂f_i} = \frac{w_i}{n}\big(\mathrm{softmax}(f_i) − e_{y_i}\big)
+              + \frac{λ τ m_i}{B}\big(\mathrm{softmax}(f_i/τ) − \mathrm{softmax}(t_i/τ)\big),
+
+    where w_i = 0 for an ignored target (−100) and n = Σ_i w_i (torch's mean). Returning the
+    cross-entropy alone, not the sum, is deliberate: the trainer reports it, and the KL's
+    value, which training never reads, is not evaluated. One autograd node replaces the
+    cross-entropy's two and the KL's; f, f/τ and t/τ are stacked as (·, O, B) so that one
+    log-softmax and one exp serve all three (at τ = 1, softmax(f) serves both terms), and
+    the gradient is one small matrix product plus the one-hot part.
+
+    Parameters
+    ----------
+    outputs : (B, O) logits (any floating dtype; computed in at least float32)
+    targets : (B,) class indices, −100 for an ignored example
+    teacher_logits : (B, O) logits of the teacher (any floating dtype; no gradient)
+    temperature : τ > 0
+    weight : λ ≥ 0
+    mask : (B,) weights m_i of the KL terms (0 drops an example), optional; the KL mean is
+        over all B examples either way.
+    """
+    return _CrossEntropyDistillation.apply(outputs, targets, teacher_logits, mask,
+                                           float(weight), float(temperature))
