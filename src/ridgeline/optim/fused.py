@@ -24,8 +24,8 @@ _CACHE: dict = {}
 
 
 def _constant(key: tuple, make) -> torch.Tensor:
-    """Small constant tensors (scales, coefficients, aranges) reused across steps: building
-    one costs about as much as a kernel, and a step needs several."""
+    """Small constant tensors (scales, coefficients) reused across steps: building one costs
+    about as much as a kernel, and a step needs several."""
     value = _CACHE.get(key)
     if value is None:
         if len(_CACHE) > 256:
@@ -42,19 +42,39 @@ def fusable(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
     the unfused path."""
     return (loss_fn in _CROSS_ENTROPIES and outputs.dim() == 2 and targets.dim() == 1
             and not targets.is_floating_point() and targets.shape[0] == outputs.shape[0]
-            and outputs.is_floating_point())
+            and outputs.shape[0] > 0 and outputs.is_floating_point())
+
+
+def _buffer(workspace: dict | None, name: str, shape: tuple, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """A tensor of this shape from ``workspace`` (made on first use), or a new one."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (name, shape, dtype, device)
+    out = workspace.get(key)
+    if out is None:
+        if len(workspace) > 64:
+            workspace.clear()
+        out = workspace[key] = torch.empty(shape, dtype=dtype, device=device)
+    return out
 
 
 def cross_entropy_distillation_value_and_grad(
         outputs: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor,
-        temperature: float, *, weight: float, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+        temperature: float, *, weight: float, mask: torch.Tensor | None = None,
+        workspace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""(mean cross-entropy, ∂(CE + λτ²·(1/B) Σ_i m_i KL_i)/∂f) without an autograd graph.
 
     The formulas are those of :func:`cross_entropy_distillation`; the gradient is a (B, O)
     tensor in the dtype of ``outputs`` (a transposed view of an (O, B) tensor). Train with
     ``outputs.backward(grad)``: one backward root, no autograd node for the loss at all,
     which is what the ``"saf"`` and ``"mesa"`` methods do.
+
+    ``workspace`` (a dict owned by the caller) keeps the intermediate tensors between calls:
+    inside a training step, where the forward pass has just evicted everything from the
+    caches, each fresh allocation of a small tensor costs about as much as a small kernel.
+    The returned gradient then lives in the workspace and is overwritten by the next call
+    with it: backpropagate it before calling again.
     """
     z = outputs.detach()
     batch, classes = z.shape
@@ -64,17 +84,21 @@ def cross_entropy_distillation_value_and_grad(
     plain = temperature == 1.0
     # rows f, [f/τ,] t/τ stacked as (·, O, B): one log-softmax and one exp serve all of them,
     # along the class axis of this layout (torch's CPU (log-)softmax over a short last axis
-    # is ≈10× slower for O = 10)
+    # is ≈10× slower for O = 10). Written row by row (a stack of mixed dtypes is much
+    # slower); a product with a (1,) tensor of the compute dtype converts a float16 teacher
+    # exactly before scaling it.
+    count = 2 if plain else 3
+    rows = _buffer(workspace, "rows", (count, classes, batch), dtype, device)
+    zt = z.t()
+    rows[0].copy_(zt)
     if plain:
-        rows = torch.stack((z.t(), teacher_logits.t()))
-        if rows.dtype != dtype:
-            rows = rows.to(dtype)
+        rows[1].copy_(teacher_logits.t())
     else:
-        rows = torch.stack((z.t(), z.t(), teacher_logits.t()))
-        scale = _constant(("scale", temperature, dtype, device), lambda: torch.tensor(
-            [1.0, 1.0 / temperature, 1.0 / temperature], dtype=dtype, device=device).view(3, 1, 1))
-        rows = rows.mul_(scale) if rows.dtype == dtype else rows * scale
-    logs = torch.log_softmax(rows, dim=1)
+        inverse = _constant(("inverse", temperature, dtype, device), lambda: torch.full(
+            (1,), 1.0 / temperature, dtype=dtype, device=device))
+        torch.mul(zt, inverse, out=rows[1])
+        torch.mul(teacher_logits.t(), inverse, out=rows[2])
+    logs = torch.log_softmax(rows, 1, out=_buffer(workspace, "logs", rows.shape, dtype, device))
     cpu = device.type == "cpu"
     if cpu:  # ignored targets show up below, where the one-hot scatter rejects −100
         loss, n = F.nll_loss(logs[0].t(), targets), float(batch)
@@ -87,10 +111,12 @@ def cross_entropy_distillation_value_and_grad(
     grad = None
     if mask is None and n == batch:
         # one (1, k) × (k, O·B) product for the whole linear combination, then the one-hot
-        values = (1.0 / n + kl, -kl) if plain else (1.0 / n, kl, -kl)
+        values = (1.0 / n + kl, -kl) if plain else (1.0 / n, kl, -kl)  # rows' weights
         coef = _constant(("coef", values, dtype, device),
                          lambda: torch.tensor([values], dtype=dtype, device=device))
-        grad = torch.mm(coef, probs.view(len(values), -1)).view(classes, batch)
+        grad = torch.mm(coef, probs.view(count, -1),
+                        out=_buffer(workspace, "grad", (1, classes * batch), dtype, device)
+                        ).view(classes, batch)
         onehot = _constant(("onehot", n, dtype, device), lambda: torch.full(
             (1, batch), -1.0 / n, dtype=dtype, device=device))
         try:  # scatter checks bounds (it never wraps negative indices): −100 raises here

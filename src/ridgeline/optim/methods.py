@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ridgeline.errors import NonFiniteLossError
-from ridgeline.optim.mesa import EMATeacherLoss
 from ridgeline.optim.fused import cross_entropy_distillation_value_and_grad, fusable
+from ridgeline.optim.mesa import EMATeacherLoss
 from ridgeline.optim.saf import TrajectoryLoss, distillation_kl_gradient
 from ridgeline.optim.sam import SAM, frozen_norm_stats
 from ridgeline.outputs import as_logits
@@ -108,6 +108,7 @@ class SAFStep(_PenaltyStep):
     def __init__(self, model, optimizer, loss_fn, trajectory: TrajectoryLoss) -> None:
         super().__init__(model, optimizer, loss_fn)
         self.trajectory = trajectory
+        self._workspace: dict = {}  # the fused node's intermediate tensors, kept between steps
 
     def penalty(self, inputs, outputs, indices, epoch):
         return self.trajectory(outputs, indices, epoch)
@@ -124,7 +125,7 @@ class SAFStep(_PenaltyStep):
         elif fusable(self.loss_fn, outputs, targets):
             loss, grad = cross_entropy_distillation_value_and_grad(
                 outputs, targets, found[0], trajectory.temperature, weight=trajectory.weight,
-                mask=found[1])
+                mask=found[1], workspace=self._workspace)
             check_finite(loss, epoch)
             outputs.backward(grad)
         else:
@@ -149,6 +150,7 @@ class MESAStep(_PenaltyStep):
     def __init__(self, model, optimizer, loss_fn, teacher: EMATeacherLoss) -> None:
         super().__init__(model, optimizer, loss_fn)
         self.teacher = teacher
+        self._workspace: dict = {}
 
     def penalty(self, inputs, outputs, indices, epoch):
         return self.teacher(inputs, outputs, epoch)
@@ -160,7 +162,7 @@ class MESAStep(_PenaltyStep):
         if teacher.active(epoch) and fusable(self.loss_fn, outputs, targets):
             loss, grad = cross_entropy_distillation_value_and_grad(
                 outputs, targets, teacher.logits(inputs), teacher.temperature,
-                weight=teacher.weight)
+                weight=teacher.weight, workspace=self._workspace)
             check_finite(loss, epoch)
             outputs.backward(grad)
         else:

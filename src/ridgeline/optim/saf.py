@@ -190,6 +190,7 @@ class TrajectoryLoss:
         self._device = None if device is None else torch.device(device)
         self._logits: torch.Tensor | None = None
         self._slot_views: tuple[torch.Tensor, ...] = ()
+        self._workspace: dict = {}
         self._slot_epoch: list[int | None] = [None] * self.slots
         self._complete: dict[int, bool] = {}  # epoch -> every example was seen in it
         self._epoch: int | None = None
@@ -209,6 +210,17 @@ class TrajectoryLoss:
         """Bytes of the ring buffer: (lag+1)·N·O values of ``dtype``."""
         item = torch.empty((), dtype=self.dtype).element_size()
         return self.slots * self.num_examples * self.num_outputs * item
+
+    def _work(self, name: str, batch: int) -> torch.Tensor:
+        """A (batch, O) tensor of the buffer's dtype and device kept between steps (a fresh
+        small tensor per step costs as much as a kernel inside a training step)."""
+        key = (name, batch)
+        out = self._workspace.get(key)
+        if out is None:
+            if len(self._workspace) > 16:
+                self._workspace.clear()
+            out = self._workspace[key] = self._logits.new_empty(batch, self.num_outputs)
+        return out
 
     def _allocate(self, device: torch.device) -> None:
         self._logits = torch.empty(self.slots, self.num_examples, self.num_outputs,
@@ -287,6 +299,7 @@ class TrajectoryLoss:
         ``(teacher_logits, mask)`` — the logits of epoch ``epoch − lag`` for these examples,
         in the buffer's dtype, and None or a (B,) boolean mask of the examples that have
         them (missing ones are 0 in ``teacher_logits``) — or None where the term is 0.
+        ``teacher_logits`` is a buffer that the next call overwrites: use it before then.
 
         This is the bookkeeping of :meth:`__call__` and :meth:`gradient` without the KL;
         the ``"saf"`` method passes its result to
@@ -308,7 +321,8 @@ class TrajectoryLoss:
         try:
             # the authors' rule, `epoch > kl_start_epoch` with epochs counted from 0
             if self._slot_epoch[slot] == past and self.weight > 0 and self._start.active(epoch):
-                teacher = views[slot].index_select(0, indices)
+                teacher = torch.index_select(views[slot], 0, indices, out=self._work(
+                    "teacher", indices.shape[0]))
                 if teacher.device != outputs.device:
                     teacher = teacher.to(outputs.device)
                 mask = None
@@ -319,7 +333,7 @@ class TrajectoryLoss:
                     found = teacher, mask
             stored = outputs.detach()
             if stored.dtype != self.dtype or stored.device != device:
-                stored = stored.to(device, self.dtype)
+                stored = self._work("stored", indices.shape[0]).copy_(stored)
             views[epoch % self.slots].index_copy_(0, indices, stored)
         except IndexError:
             self._check_range(indices)
