@@ -212,3 +212,39 @@ def test_indexed_dataset_yields_matching_indices_through_a_shuffled_loader():
     assert len(wrapped) == N and wrapped[7][2] == 7 and torch.equal(wrapped[7][0], x[7])
     with pytest.raises(DataError):
         IndexedDataset(42)
+
+
+def test_deferred_writes_store_the_same_logits_and_give_the_same_teachers():
+    """exchange(defer=True) (the "saf" method) writes a few batches at a time: teachers,
+    stored logits and the completeness of each epoch equal those of immediate writes."""
+    table = _table(6, seed=9)
+    now, later = (TrajectoryLoss(N, OUT, lag=2, start_epoch=0, dtype=torch.float16)
+                  for _ in range(2))
+    later._flush_rows = 7  # flush after every second batch of 5
+    masks = 0
+    for epoch in range(1, 6):
+        batches = _batches(epoch)
+        if epoch == 3:
+            batches = batches[:-1]  # a drop_last-style epoch: some examples unseen
+        for idx in batches:
+            a = now.exchange(table[epoch, idx].float(), idx, epoch)
+            b = later.exchange(table[epoch, idx].float(), idx, epoch, defer=True)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+                assert (a[1] is None) == (b[1] is None)
+                if a[1] is not None:
+                    assert torch.equal(a[1], b[1])
+                    masks += 1
+    assert masks > 0  # epoch 5 read the incomplete epoch 3
+    for epoch in (3, 4, 5):
+        for idx in _batches(epoch)[:-1]:
+            torch.testing.assert_close(later.stored_logits(idx, epoch), now.stored_logits(idx, epoch),
+                                       rtol=0, atol=0)
+
+
+def test_deferred_write_with_an_index_out_of_range_raises_a_data_error():
+    saf = TrajectoryLoss(N, OUT, dtype=torch.float32)
+    saf.exchange(torch.zeros(3, OUT), torch.tensor([0, 1, N]), 1, defer=True)
+    with pytest.raises(DataError, match=f"outside \\[0, {N}\\)"):
+        saf.stored_logits(torch.arange(3), 1)

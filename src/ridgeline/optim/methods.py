@@ -117,7 +117,7 @@ class SAFStep(_PenaltyStep):
         self.optimizer.zero_grad(set_to_none=True)
         outputs = as_logits(self.model(inputs))
         trajectory = self.trajectory
-        found = trajectory.exchange(outputs, indices, epoch)
+        found = trajectory.exchange(outputs, indices, epoch, defer=True)
         if found is None:
             loss = self.loss_fn(outputs, targets)
             check_finite(loss, epoch)

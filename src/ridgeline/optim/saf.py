@@ -191,6 +191,9 @@ class TrajectoryLoss:
         self._logits: torch.Tensor | None = None
         self._slot_views: tuple[torch.Tensor, ...] = ()
         self._workspace: dict = {}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # deferred writes
+        self._pending_rows = 0
+        self._flush_rows = max(1, min(2048, 2 ** 20 // self.num_outputs))
         self._slot_epoch: list[int | None] = [None] * self.slots
         self._complete: dict[int, bool] = {}  # epoch -> every example was seen in it
         self._epoch: int | None = None
@@ -234,6 +237,7 @@ class TrajectoryLoss:
                               "needs non-decreasing epochs (make a new one to restart training).")
         if self._epoch is not None and epoch == self._epoch:
             return
+        self._flush()
         if self._epoch is not None:
             self._epoch_sizes.append(self._seen)
             if len(self._epoch_sizes) >= 2 and self._epoch_sizes[-1] != self._epoch_sizes[-2]:
@@ -285,6 +289,7 @@ class TrajectoryLoss:
     def stored_logits(self, indices: torch.Tensor, epoch: int) -> torch.Tensor | None:
         """The logits stored for ``indices`` in ``epoch`` (at least float32), or None if that epoch is
         no longer (or not yet) in the buffer or some of these examples were not seen in it."""
+        self._flush()
         if self._logits is None or epoch < 0 or self._slot_epoch[epoch % self.slots] != epoch:
             return None
         indices = torch.as_tensor(indices, device=self._logits.device)
@@ -293,8 +298,8 @@ class TrajectoryLoss:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return None if bool(logits.isnan().any()) else logits
 
-    def exchange(self, outputs: torch.Tensor, indices: torch.Tensor | None,
-                 epoch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def exchange(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int, *,
+                 defer: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Store this batch's logits for ``epoch`` and return what the term needs:
         ``(teacher_logits, mask)`` — the logits of epoch ``epoch − lag`` for these examples,
         in the buffer's dtype, and None or a (B,) boolean mask of the examples that have
@@ -304,7 +309,16 @@ class TrajectoryLoss:
         This is the bookkeeping of :meth:`__call__` and :meth:`gradient` without the KL;
         the ``"saf"`` method passes its result to
         :func:`~ridgeline.optim.fused.cross_entropy_distillation_value_and_grad`. It runs
-        once per step, so it does no more than the checks, one gather and one scatter."""
+        once per step, so it does no more than the checks, one gather and one scatter.
+
+        ``defer=True`` (the ``"saf"`` method) keeps references to this batch's logits and
+        indices and writes them into the buffer a few batches at a time (at most
+        ``max(1, min(2048, 2**20 // O))`` rows, and always before the epoch ends or
+        :meth:`stored_logits` reads): inside a training step the conversion to ``dtype``
+        and the scatter cost about 30 µs each on a CPU, far more than on warm caches. The
+        term never reads the current epoch, so the values are the same; do not modify the
+        logits or the index tensor in place afterwards, and an index out of range is then
+        reported by the call that writes it."""
         indices = self._check(outputs, indices)
         if self._logits is None:
             self._allocate(outputs.device)
@@ -331,14 +345,40 @@ class TrajectoryLoss:
                     teacher = teacher.nan_to_num(0.0)
                 if mask is None or bool(mask.any()):
                     found = teacher, mask
-            stored = outputs.detach()
-            if stored.dtype != self.dtype or stored.device != device:
-                stored = self._work("stored", indices.shape[0]).copy_(stored)
-            views[epoch % self.slots].index_copy_(0, indices, stored)
         except IndexError:
             self._check_range(indices)
             raise
+        if defer:
+            self._pending.append((indices, outputs.detach()))
+            self._pending_rows += indices.shape[0]
+            if self._pending_rows >= self._flush_rows:
+                self._flush()
+        else:
+            self._flush()
+            stored = outputs.detach()
+            if stored.dtype != self.dtype or stored.device != device:
+                stored = self._work("stored", indices.shape[0]).copy_(stored)
+            self._write(indices, stored)
         return found
+
+    def _write(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        try:
+            self._slot_views[self._epoch % self.slots].index_copy_(0, indices, values)
+        except IndexError:
+            self._check_range(indices)
+            raise
+
+    def _flush(self) -> None:
+        """Write the deferred logits of the current epoch into its slot."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if len(pending) == 1:
+            indices, values = pending[0]
+        else:
+            indices = torch.cat([i for i, _ in pending])
+            values = torch.cat([v for _, v in pending])
+        self._write(indices, values.to(self._logits.device, self.dtype))
 
     def __call__(self, outputs: torch.Tensor, indices: torch.Tensor | None, epoch: int) -> torch.Tensor:
         """Store this batch's logits for ``epoch`` and return λ τ² · mean KL against the
