@@ -12,7 +12,10 @@ Three parts, one process, the same data and initialisations for every method:
    the machine's load hit all of them alike. Timed over the epochs where SAF's and MESA's
    penalties are active. A plain-torch SAM loop (the usual
    two-pass recipe, written from Foret et al.'s algorithm) runs alongside as the reference
-   implementation and must follow ridgeline's SAM to float precision.
+   implementation and must follow ridgeline's SAM to float precision. "saf, 2 roots" is SAF
+   with an opaque loss callable, which takes the unfused path (torch's cross-entropy plus the
+   term's gradient as a second backward root) that every loss but class-index cross-entropy
+   uses.
 3. Memory: SAF's ring-buffer bytes (exact, ``TrajectoryLoss.memory_bytes``), every method's
    extra state, and the sampled peak RSS above the start of each training run.
 
@@ -148,6 +151,11 @@ class PlainSAM:
         return loss.detach(), outputs.detach()
 
 
+def _unfused_cross_entropy(outputs, targets):
+    """Cross-entropy as an opaque callable: SAF cannot fuse it and takes its second-root path."""
+    return nn.functional.cross_entropy(outputs, targets)
+
+
 def _gap(a: nn.Module, b: nn.Module) -> float:
     return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
@@ -173,6 +181,13 @@ def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1) 
                             num_outputs=10, steps_per_epoch=math.ceil(n / batch), seed=seed)
         rules[method] = TRAINING_METHODS[method](ctx)
     rules["plain SAM"] = PlainSAM(copy.deepcopy(base).train(), 0.05, 0.05, 0.9)
+    # SAF's other path, taken by any loss but class-index cross-entropy: torch's
+    # cross-entropy node plus the term's closed-form gradient as a second backward root
+    model = copy.deepcopy(base).train()
+    ctx = MethodContext(model=model, loss_fn=_unfused_cross_entropy, lr=0.05, momentum=0.9,
+                        weight_decay=0.0, epochs=epochs, num_examples=n, num_outputs=10,
+                        steps_per_epoch=math.ceil(n / batch), seed=seed)
+    rules["saf, 2 roots"] = TRAINING_METHODS["saf"](ctx)
     active_from = max(rules["saf"].trajectory.first_active_epoch, rules["mesa"].teacher.first_active_epoch)
     if active_from > epochs:
         raise SystemExit(f"--timing-epochs {epochs} ends before every penalty is on (epoch "

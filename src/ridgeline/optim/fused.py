@@ -20,20 +20,6 @@ __all__ = ["cross_entropy_distillation", "cross_entropy_distillation_value_and_g
 #: the loss functions whose (B, O) logits / (B,) class-index form the fused node reproduces
 _CROSS_ENTROPIES = (F.cross_entropy, _ridgeline_cross_entropy)
 
-_CACHE: dict = {}
-
-
-def _constant(key: tuple, make) -> torch.Tensor:
-    """Small constant tensors (scales, coefficients) reused across steps: building one costs
-    about as much as a kernel, and a step needs several."""
-    value = _CACHE.get(key)
-    if value is None:
-        if len(_CACHE) > 256:
-            _CACHE.clear()
-        value = _CACHE[key] = make()
-    return value
-
-
 def fusable(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
     """Whether :func:`cross_entropy_distillation` computes ``loss_fn(outputs, targets)``
     exactly: ``loss_fn`` is torch's or ridgeline's cross-entropy (mean, ignore index −100),
@@ -45,18 +31,41 @@ def fusable(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
             and outputs.shape[0] > 0 and outputs.is_floating_point())
 
 
-def _buffer(workspace: dict | None, name: str, shape: tuple, dtype: torch.dtype,
-            device: torch.device) -> torch.Tensor:
-    """A tensor of this shape from ``workspace`` (made on first use), or a new one."""
-    if workspace is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    key = (name, shape, dtype, device)
-    out = workspace.get(key)
-    if out is None:
-        if len(workspace) > 64:
-            workspace.clear()
-        out = workspace[key] = torch.empty(shape, dtype=dtype, device=device)
-    return out
+class _Plan:
+    """Everything one shape of the fused computation reuses between calls: the work tensors
+    (rows, log-probabilities, gradient) and the constants (1/τ, the rows' weights, the
+    one-hot value). Inside a training step, where the forward pass has just evicted the
+    caches, each fresh small tensor costs about as much as a small kernel."""
+
+    def __init__(self, batch: int, classes: int, dtype: torch.dtype, device: torch.device,
+                 temperature: float, weight: float) -> None:
+        plain = temperature == 1.0
+        self.count = 2 if plain else 3
+        self.rows = torch.empty(self.count, classes, batch, dtype=dtype, device=device)
+        self.logs = torch.empty_like(self.rows)
+        self.grad = torch.empty(1, classes * batch, dtype=dtype, device=device)
+        self.inverse = torch.full((1,), 1.0 / temperature, dtype=dtype, device=device)
+        self.scales = torch.tensor([1.0, 1.0 / temperature], dtype=dtype,
+                                   device=device).view(2, 1, 1)  # rows f and f/τ in one product
+        kl = weight * temperature / batch  # ∂/∂f_i of λτ²/B·KL_i is λτ/B·(q_i − p_i)
+        values = (1.0 / batch + kl, -kl) if plain else (1.0 / batch, kl, -kl)  # rows' weights
+        self.kl = kl
+        self.coef = torch.tensor([values], dtype=dtype, device=device)
+        self.onehot = torch.full((1, batch), -1.0 / batch, dtype=dtype, device=device)
+
+
+def _plan(workspace: dict | None, z: torch.Tensor, temperature: float, weight: float) -> _Plan:
+    batch, classes = z.shape
+    key = (batch, classes, z.dtype, z.device, temperature, weight)
+    plan = None if workspace is None else workspace.get(key)
+    if plan is None:
+        plan = _Plan(batch, classes, torch.promote_types(z.dtype, torch.float32), z.device,
+                     temperature, weight)
+        if workspace is not None:
+            if len(workspace) > 16:
+                workspace.clear()
+            workspace[key] = plan
+    return plan
 
 
 def cross_entropy_distillation_value_and_grad(
@@ -70,63 +79,48 @@ def cross_entropy_distillation_value_and_grad(
     ``outputs.backward(grad)``: one backward root, no autograd node for the loss at all,
     which is what the ``"saf"`` and ``"mesa"`` methods do.
 
-    ``workspace`` (a dict owned by the caller) keeps the intermediate tensors between calls:
-    inside a training step, where the forward pass has just evicted everything from the
-    caches, each fresh allocation of a small tensor costs about as much as a small kernel.
-    The returned gradient then lives in the workspace and is overwritten by the next call
-    with it: backpropagate it before calling again.
+    ``workspace`` (a dict owned by the caller) keeps the work tensors and constants between
+    calls (see :class:`_Plan`); the returned gradient then lives in the workspace and is
+    overwritten by the next call with it: backpropagate it before calling again.
     """
     z = outputs.detach()
-    batch, classes = z.shape
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    device = z.device
-    temperature, weight = float(temperature), float(weight)
-    plain = temperature == 1.0
+    batch = z.shape[0]
+    plan = _plan(workspace, z, float(temperature), float(weight))
+    count, rows = plan.count, plan.rows
     # rows f, [f/τ,] t/τ stacked as (·, O, B): one log-softmax and one exp serve all of them,
     # along the class axis of this layout (torch's CPU (log-)softmax over a short last axis
     # is ≈10× slower for O = 10). Written row by row (a stack of mixed dtypes is much
     # slower); a product with a (1,) tensor of the compute dtype converts a float16 teacher
     # exactly before scaling it.
-    count = 2 if plain else 3
-    rows = _buffer(workspace, "rows", (count, classes, batch), dtype, device)
     zt = z.t()
-    rows[0].copy_(zt)
-    if plain:
+    if count == 2:
+        rows[0].copy_(zt)
         rows[1].copy_(teacher_logits.t())
     else:
-        inverse = _constant(("inverse", temperature, dtype, device), lambda: torch.full(
-            (1,), 1.0 / temperature, dtype=dtype, device=device))
-        torch.mul(zt, inverse, out=rows[1])
-        torch.mul(teacher_logits.t(), inverse, out=rows[2])
-    logs = torch.log_softmax(rows, 1, out=_buffer(workspace, "logs", rows.shape, dtype, device))
-    cpu = device.type == "cpu"
+        torch.mul(zt, plan.scales, out=rows[:2])
+        torch.mul(teacher_logits.t(), plan.inverse, out=rows[2])
+    logs = torch.log_softmax(rows, 1, out=plan.logs)
+    cpu = z.device.type == "cpu"
     if cpu:  # ignored targets show up below, where the one-hot scatter rejects −100
-        loss, n = F.nll_loss(logs[0].t(), targets), float(batch)
+        loss, all_count = F.nll_loss(logs[0].t(), targets), True
     else:  # a scatter out of range would be a device-side assert: count the targets first
         loss, counted = torch.ops.aten.nll_loss_forward.default(logs[0].t(), targets, None, 1,
                                                                 IGNORE_INDEX)
-        n = float(counted)
+        all_count = float(counted) == batch
     probs = logs.exp_()  # softmax(f), [softmax(f/τ),] softmax(t/τ)
-    kl = weight * temperature / batch  # ∂/∂f_i of λτ²/B·KL_i is λτ/B·(q_i − p_i)
     grad = None
-    if mask is None and n == batch:
+    if mask is None and all_count:
         # one (1, k) × (k, O·B) product for the whole linear combination, then the one-hot
-        values = (1.0 / n + kl, -kl) if plain else (1.0 / n, kl, -kl)  # rows' weights
-        coef = _constant(("coef", values, dtype, device),
-                         lambda: torch.tensor([values], dtype=dtype, device=device))
-        grad = torch.mm(coef, probs.view(count, -1),
-                        out=_buffer(workspace, "grad", (1, classes * batch), dtype, device)
-                        ).view(classes, batch)
-        onehot = _constant(("onehot", n, dtype, device), lambda: torch.full(
-            (1, batch), -1.0 / n, dtype=dtype, device=device))
+        grad = torch.mm(plan.coef, probs.view(count, -1), out=plan.grad).view(-1, batch)
         try:  # scatter checks bounds (it never wraps negative indices): −100 raises here
-            grad.scatter_add_(0, targets.view(1, batch), onehot)
+            grad.scatter_add_(0, targets.view(1, batch), plan.onehot)
         except RuntimeError:
             if not cpu:
                 raise
             grad = None
     if grad is None:  # ignored targets (−100) and/or examples without a teacher (mask)
-        factor = kl if mask is None else mask.to(dtype) * kl
+        dtype = rows.dtype
+        factor = plan.kl if mask is None else mask.to(dtype) * plan.kl
         grad = torch.sub(probs[-2], probs[-1]).mul_(factor)
         keep = (targets != IGNORE_INDEX).to(dtype)
         n = float(keep.sum())

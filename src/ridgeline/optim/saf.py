@@ -324,8 +324,8 @@ class TrajectoryLoss:
             self._allocate(outputs.device)
         if epoch != self._epoch:
             self._advance(int(epoch))
-        views = self._slot_views
-        device = views[0].device
+        device = self._logits.device
+        same_device = outputs.device == device
         if indices.device != device:
             indices = indices.to(device)
         self._seen += indices.shape[0]
@@ -335,9 +335,9 @@ class TrajectoryLoss:
         try:
             # the authors' rule, `epoch > kl_start_epoch` with epochs counted from 0
             if self._slot_epoch[slot] == past and self.weight > 0 and self._start.active(epoch):
-                teacher = torch.index_select(views[slot], 0, indices, out=self._work(
-                    "teacher", indices.shape[0]))
-                if teacher.device != outputs.device:
+                teacher = torch.index_select(self._slot_views[slot], 0, indices,
+                                             out=self._work("teacher", indices.shape[0]))
+                if not same_device:
                     teacher = teacher.to(outputs.device)
                 mask = None
                 if not self._complete.get(past, False):  # some examples may be missing
@@ -356,7 +356,7 @@ class TrajectoryLoss:
         else:
             self._flush()
             stored = outputs.detach()
-            if stored.dtype != self.dtype or stored.device != device:
+            if stored.dtype != self.dtype or not same_device:
                 stored = self._work("stored", indices.shape[0]).copy_(stored)
             self._write(indices, stored)
         return found
