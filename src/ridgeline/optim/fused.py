@@ -52,6 +52,14 @@ class _Plan:
         self.kl = kl
         self.coef = torch.tensor([values], dtype=dtype, device=device)
         self.onehot = torch.full((1, batch), -1.0 / batch, dtype=dtype, device=device)
+        self.cpu = device.type == "cpu"
+        # views fixed once (the work tensors are overwritten in place): Python-side
+        # indexing costs microseconds per call
+        self.student = self.rows[:1] if plain else self.rows[:2]
+        self.teacher = self.rows[-1]
+        self.log_student = self.logs[0].t()                       # log softmax(f) as (B, O)
+        self.flat = self.logs.view(self.count, -1)                # the probabilities after exp_
+        self.grad_t = self.grad.view(classes, batch).t()          # the (B, O) gradient
 
 
 def _plan(workspace: dict | None, z: torch.Tensor, temperature: float, weight: float) -> _Plan:
@@ -92,32 +100,31 @@ def cross_entropy_distillation_value_and_grad(
     # is ≈10× slower for O = 10). Written row by row (a stack of mixed dtypes is much
     # slower); a product with a (1,) tensor of the compute dtype converts a float16 teacher
     # exactly before scaling it.
-    zt = z.t()
     if count == 2:
-        rows[0].copy_(zt)
-        rows[1].copy_(teacher_logits.t())
+        plan.student[0].copy_(z.t())
+        plan.teacher.copy_(teacher_logits.t())
     else:
-        torch.mul(zt, plan.scales, out=rows[:2])
-        torch.mul(teacher_logits.t(), plan.inverse, out=rows[2])
+        torch.mul(z.t(), plan.scales, out=plan.student)
+        torch.mul(teacher_logits.t(), plan.inverse, out=plan.teacher)
     logs = torch.log_softmax(rows, 1, out=plan.logs)
-    cpu = z.device.type == "cpu"
+    cpu = plan.cpu
     if cpu:  # ignored targets show up below, where the one-hot scatter rejects −100
-        loss, all_count = F.nll_loss(logs[0].t(), targets), True
+        loss, all_count = F.nll_loss(plan.log_student, targets), True
     else:  # a scatter out of range would be a device-side assert: count the targets first
-        loss, counted = torch.ops.aten.nll_loss_forward.default(logs[0].t(), targets, None, 1,
-                                                                IGNORE_INDEX)
+        loss, counted = torch.ops.aten.nll_loss_forward.default(plan.log_student, targets, None,
+                                                                1, IGNORE_INDEX)
         all_count = float(counted) == batch
     probs = logs.exp_()  # softmax(f), [softmax(f/τ),] softmax(t/τ)
     grad = None
     if mask is None and all_count:
         # one (1, k) × (k, O·B) product for the whole linear combination, then the one-hot
-        grad = torch.mm(plan.coef, probs.view(count, -1), out=plan.grad).view(-1, batch)
+        torch.mm(plan.coef, plan.flat, out=plan.grad)
         try:  # scatter checks bounds (it never wraps negative indices): −100 raises here
-            grad.scatter_add_(0, targets.view(1, batch), plan.onehot)
+            plan.grad.view(-1, batch).scatter_add_(0, targets.view(1, batch), plan.onehot)
+            grad = plan.grad_t
         except RuntimeError:
             if not cpu:
                 raise
-            grad = None
     if grad is None:  # ignored targets (−100) and/or examples without a teacher (mask)
         dtype = rows.dtype
         factor = plan.kl if mask is None else mask.to(dtype) * plan.kl
@@ -128,10 +135,10 @@ def cross_entropy_distillation_value_and_grad(
             grad.add_(probs[0] * (keep / n))
             safe = torch.where(targets == IGNORE_INDEX, 0, targets)
             grad.scatter_add_(0, safe.view(1, batch), (keep * (-1.0 / n)).view(1, batch))
-    grad = grad.t()
-    if grad.dtype != outputs.dtype:
-        grad = grad.to(outputs.dtype)
-    return loss.to(outputs.dtype), grad
+        grad = grad.t()
+    if rows.dtype != outputs.dtype:
+        return loss.to(outputs.dtype), grad.to(outputs.dtype)
+    return loss, grad
 
 
 class _CrossEntropyDistillation(torch.autograd.Function):

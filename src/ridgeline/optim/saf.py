@@ -188,6 +188,7 @@ class TrajectoryLoss:
         self.dtype = resolve_dtype(dtype)
         self.slots = self.lag + 1
         self._device = None if device is None else torch.device(device)
+        self._remote = self._device is not None and self._device.type != "cpu"
         self._logits: torch.Tensor | None = None
         self._slot_views: tuple[torch.Tensor, ...] = ()
         self._workspace: dict = {}
@@ -271,7 +272,7 @@ class TrajectoryLoss:
                 "indices; pass the logits (batch, num_outputs).")
         # on the CPU the index ops check bounds themselves (caught in exchange); elsewhere an
         # out-of-range index would be a device-side assert, so check first
-        if indices.device.type != "cpu" or (self._device is not None and self._device.type != "cpu"):
+        if not indices.is_cpu or self._remote:
             self._check_range(indices)
         return indices
 
