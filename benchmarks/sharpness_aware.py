@@ -265,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn1d"], choices=list(BUILDERS))
-    parser.add_argument("--timing-epochs", type=int, default=12)
+    parser.add_argument("--timing-epochs", type=int, default=20,
+                        help="epochs of the interleaved timing (timed from the epoch where SAF's "
+                             "and MESA's terms are on, 7 by default)")
     parser.add_argument("--timing-batches", type=int, nargs="+", default=[128, 512],
                         help="batch sizes for the interleaved timing (SAF's overhead is a fixed "
                              "cost per step, so its ratio falls as steps get longer)")
