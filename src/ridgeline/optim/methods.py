@@ -96,19 +96,22 @@ class _PenaltyStep(StepRule):
 class SAFStep(_PenaltyStep):
     """Loss + SAF's trajectory term (no extra forward or backward pass).
 
-    With cross-entropy on (B, O) logits (the trainer's default loss) the loss and the term
-    are one autograd node, :func:`~ridgeline.optim.fused.cross_entropy_distillation`: one
-    log-softmax serves both, the backward pass starts from one combined gradient on the
-    logits, and the KL's value, which training never reads, is not evaluated. With any
-    other loss (MSE, a custom callable, probability targets) the term enters the same
-    backward pass as its closed-form gradient (:meth:`TrajectoryLoss.gradient`), a second
-    root. Either way the update is that of ``(loss + term).backward()``.
+    With cross-entropy on (B, O) class-index logits (the trainer's default loss) the loss
+    and the term are computed together
+    (:func:`~ridgeline.optim.fused.cross_entropy_distillation_value_and_grad`: one
+    log-softmax for both, no autograd node for the loss, the KL's value, which training
+    never reads, not evaluated) and the backward pass starts from their combined gradient
+    on the logits. With any other loss (MSE, a custom callable, probability targets) the
+    term enters the same backward pass as its closed-form gradient
+    (:meth:`TrajectoryLoss.gradient`), a second root. Before the term starts, the step is
+    the base optimizer's. Either way the update is that of ``(loss + term).backward()``.
+    The buffer's writes are deferred a few batches (:meth:`TrajectoryLoss.exchange`).
     """
 
     def __init__(self, model, optimizer, loss_fn, trajectory: TrajectoryLoss) -> None:
         super().__init__(model, optimizer, loss_fn)
         self.trajectory = trajectory
-        self._workspace: dict = {}  # the fused node's intermediate tensors, kept between steps
+        self._workspace: dict = {}  # the fused computation's work tensors, kept between steps
 
     def penalty(self, inputs, outputs, indices, epoch):
         return self.trajectory(outputs, indices, epoch)
@@ -144,8 +147,9 @@ class SAFStep(_PenaltyStep):
 
 class MESAStep(_PenaltyStep):
     """Loss + KL to an EMA teacher (one extra forward); the teacher follows every step.
-    With cross-entropy on (B, O) logits the loss and the KL are one autograd node
-    (:func:`~ridgeline.optim.fused.cross_entropy_distillation`), as for SAF."""
+    With cross-entropy on (B, O) class-index logits the loss and the KL are computed
+    together and backpropagated as one gradient on the logits, as for SAF; other losses
+    add the KL's autograd node (:func:`~ridgeline.optim.saf.distillation_kl`)."""
 
     def __init__(self, model, optimizer, loss_fn, teacher: EMATeacherLoss) -> None:
         super().__init__(model, optimizer, loss_fn)
