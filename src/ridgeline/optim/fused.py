@@ -1,10 +1,10 @@
-"""Cross-entropy and SAF's/MESA's distillation KL in one autograd node (one softmax pass).
+"""Cross-entropy and SAF's/MESA's distillation KL computed together (one softmax pass).
 
 SAF's and MESA's training loss is the mean cross-entropy plus λτ²·mean KL to a teacher's
-logits. Training reads the cross-entropy's value and the gradient of the sum; this module
-computes both with a handful of kernels and hands the backward pass one combined gradient
-on the logits (one root, no second graph), instead of torch's cross-entropy node plus a
-separate KL node.
+logits (Du et al. 2022, "Sharpness-Aware Training for Free"). Training reads the
+cross-entropy's value and the gradient of the sum; this module computes both with a
+handful of kernels and hands the backward pass one combined gradient on the logits (one
+root), instead of torch's cross-entropy node plus the KL's gradient or node.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = ["cross_entropy_distillation", "cross_entropy_distillation_value_and_g
 
 #: the loss functions whose (B, O) logits / (B,) class-index form the fused node reproduces
 _CROSS_ENTROPIES = (F.cross_entropy, _ridgeline_cross_entropy)
+
 
 def fusable(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
     """Whether :func:`cross_entropy_distillation` computes ``loss_fn(outputs, targets)``

@@ -323,8 +323,9 @@ class TrajectoryLoss:
         indices = self._check(outputs, indices)
         if self._logits is None:
             self._allocate(outputs.device)
+        epoch = int(epoch)
         if epoch != self._epoch:
-            self._advance(int(epoch))
+            self._advance(epoch)
         device = self._logits.device
         same_device = outputs.device == device
         if indices.device != device:
@@ -397,7 +398,8 @@ class TrajectoryLoss:
         λτ m_i (softmax(f_i/τ) − softmax(ŷ_i/τ))/B as a (B, O) tensor without a graph, or
         None where the term is 0; the KL itself is not evaluated. Train with
         ``torch.autograd.backward((loss, outputs), (None, g))`` (what the ``"saf"`` method
-        does): the same update as backpropagating ``loss + saf(outputs, indices, epoch)``."""
+        does for a loss it cannot fuse with the term, see :class:`~ridgeline.optim.methods.SAFStep`):
+        the same update as backpropagating ``loss + saf(outputs, indices, epoch)``."""
         found = self.exchange(outputs, indices, epoch)
         if found is None:
             return None
