@@ -59,7 +59,6 @@ class _Plan:
         self.student = self.rows[:1] if plain else self.rows[:2]
         self.teacher = self.rows[-1]
         self.log_student = self.logs[0].t()                       # log softmax(f) as (B, O)
-        self.log_first = self.logs[:1]        # the same as (1, O, B): NLL's (N, C, d) form
         self.flat = self.logs.view(self.count, -1)                # the probabilities after exp_
         self.grad_t = self.grad.view(classes, batch).t()          # the (B, O) gradient
 
@@ -111,7 +110,7 @@ def cross_entropy_distillation_value_and_grad(
     logs = torch.log_softmax(rows, 1, out=plan.logs)
     cpu = plan.cpu
     if cpu:  # ignored targets show up below, where the one-hot scatter rejects −100
-        loss, all_count = F.nll_loss(plan.log_first, targets.view(1, batch)), True
+        loss, all_count = F.nll_loss(plan.log_student, targets), True
     else:  # a scatter out of range would be a device-side assert: count the targets first
         loss, counted = torch.ops.aten.nll_loss_forward.default(plan.log_student, targets, None,
                                                                 1, IGNORE_INDEX)
