@@ -8,8 +8,8 @@ Three parts, one process, the same data and initialisations for every method:
    the small CNN, several seeds. λ_max is cross-checked against scipy ``eigsh`` on
    ``Objective.hvp`` (and is taken from there when ``ridgeline.curvature`` is absent).
 2. Time per step, interleaved: every method's step rule trains its own copy of the model on
-   the same batches; the methods take turns epoch by epoch in rotating order, so drifts of
-   the machine's load hit all of them alike. Timed over the epochs where SAF's and MESA's
+   the same batches; the methods take turns every 8 batches in rotating order, so drifts
+   of the machine's load hit all of them alike while each model stays warm in its turn. Timed over the epochs where SAF's and MESA's
    penalties are active. A plain-torch SAM loop (the usual
    two-pass recipe, written from Foret et al.'s algorithm) runs alongside as the reference
    implementation and must follow ridgeline's SAM to float precision. "saf, 2 roots" is SAF
@@ -200,13 +200,13 @@ def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1,
     order_gen = torch.Generator().manual_seed(seed)
     names = list(rules)
     steps = 0
-    rounds = 0
+    round_id = 0
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=order_gen)
         batches = [order[start:start + batch] for start in range(0, n, batch)]
         for first in range(0, len(batches), chunk):
-            rounds += 1
-            shift = rounds % len(names)  # rotate which method goes first
+            round_id += 1
+            shift = round_id % len(names)  # rotate which method goes first
             for method in names[shift:] + names[:shift]:
                 rule = rules[method]
                 for step, idx in enumerate(batches[first:first + chunk], first + 1):
@@ -214,7 +214,7 @@ def interleaved_timing(name: str, data, epochs: int, batch: int, seed: int = 1,
                     began = clock()
                     rule.step(x, y, idx, epoch)
                     if epoch >= active_from and idx.shape[0] == batch:
-                        times[method].setdefault(rounds, []).append(clock() - began)
+                        times[method].setdefault(round_id, []).append(clock() - began)
                     if epoch == 1 and method in ("sam", "plain SAM") and step in (1, 10):
                         gaps.setdefault(step, []).append([p.detach().clone() for p in rule.model.parameters()])
         steps += len(batches)
