@@ -96,7 +96,7 @@ def test_kl_starts_in_the_same_epoch_of_training_as_the_authors_code(first_epoch
             p.add_(0.2)  # student ≠ teacher, so an active term is > 0
     x, _ = _data(8, seed=2)
     outputs = model(x)
-    on = [float(teacher(x, outputs, first_epoch + k)) > 0 for k in range(10)]
+    on = [float(teacher(x, outputs, first_epoch + k).detach()) > 0 for k in range(10)]
     assert on == [_authors_kl_is_on(k, 5) for k in range(10)]  # from the 7th epoch
     assert teacher.first_active_epoch == first_epoch + 6
     assert teacher.describe()["first_active_epoch"] == first_epoch + 6
