@@ -22,6 +22,7 @@ from torch import nn
 from ridgeline.errors import ConfigError, DataError, ShapeMismatchError
 from ridgeline.params import check_same_structure
 
+from .assignment import solve_assignment
 from .permutation_spec import (
     ACTIVATIONS,
     PermutationSpec,
@@ -213,6 +214,8 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
                  if other is not None and a != axis} for p in order}
     changes = dict.fromkeys(sizes, 0)  # how many times each permutation has changed
     solved_at: dict[str, dict[str, int]] = {}
+    potentials: dict[str, np.ndarray] = {}
+    terms: dict[tuple[str, int], tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
     trace: list[float] = []
     converged = False
     for _ in range(max(int(max_iter), 1)):
@@ -229,15 +232,14 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
             for k, axis in groups[p]:
                 if all(other is None or a == axis for a, other in enumerate(spec.axes[k])):
                     continue
-                w_b = b_side[k]
-                for other_axis, other in enumerate(spec.axes[k]):
-                    if other is not None and other_axis != axis:
-                        w_b = w_b.index_select(other_axis, perms[other].to(w_b.device))
-                # in the parameters' own dtype and device; summed in float64 on the CPU
-                cost += (a_mats[(k, axis)] @ w_b.movedim(axis, 0).reshape(n, -1).T).double().cpu()
-            rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+                others = {a: perms[other] for a, other in enumerate(spec.axes[k])
+                          if other is not None and a != axis}
+                cost += _cost_term(terms, k, axis, a_side[k], b_side[k], a_mats[(k, axis)],
+                                   others)
+            # exact; warm-started with the dual potentials of this permutation's last solve
+            cols, potentials[p] = solve_assignment(cost.numpy(), potentials.get(p))
             old = float(cost[torch.arange(n), perms[p]].sum())
-            new = float(cost.numpy()[rows, cols].sum())
+            new = float(cost.numpy()[np.arange(n), cols].sum())
             if new > old + 1e-12 * max(1.0, abs(old)):
                 perms[p] = torch.as_tensor(cols, dtype=torch.long)
                 changes[p] += 1
@@ -249,6 +251,48 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
             converged = True
             break
     return perms, trace, converged
+
+
+def _cost_term(cache: dict, name: str, axis: int, w_a: torch.Tensor, w_b: torch.Tensor,
+               a_mat: torch.Tensor, others: dict[int, torch.Tensor]) -> torch.Tensor:
+    """W_A^(a) (W̃_B^(a))ᵀ for tensor ``name``, axis ``axis``, with the permutations
+    ``others`` (axis → perm) applied to B's other axes; float64 on the CPU.
+
+    The first product is one GEMM in the parameters' dtype and device (as before). Later,
+    when a single other permutation moved only a few units S, only the slices of that axis
+    at S change, so the product is updated by the exact difference of their contributions,
+    W_A[S]ᵀ-side (W̃_B,new[S] − W̃_B,old[S]), computed in float64: |S|/n of a GEMM, and no
+    rounding drift (the float64 update of float32 weights is exact to ~1e-16).
+    """
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+    cached = cache.get((name, axis))
+    if cached is not None:
+        product, used = cached
+        moved = [a for a in others if not torch.equal(others[a], used[a])]
+        if not moved:
+            return product
+        units = (torch.nonzero(others[moved[0]] != used[moved[0]]).squeeze(1)
+                 if len(moved) == 1 else None)
+        if units is not None and 3 * units.numel() <= others[moved[0]].numel():
+            a_moved, device = moved[0], w_b.device
+            new, old = w_b, w_b
+            for a, perm in others.items():
+                new = new.index_select(a, (perm[units] if a == a_moved else perm).to(device))
+                old = old.index_select(a, (used[a][units] if a == a_moved else perm).to(device))
+            wide = torch.float32 if device.type == "mps" else torch.float64
+            part = flat(w_a.index_select(a_moved, units.to(w_a.device))).to(wide)
+            product = product + (part @ (flat(new).to(wide) - flat(old).to(wide)).T).double().cpu()
+            cache[(name, axis)] = (product, dict(others))
+            return product
+    permuted = w_b
+    for a, perm in others.items():
+        permuted = permuted.index_select(a, perm.to(permuted.device))
+    # in the parameters' own dtype and device; summed in float64 on the CPU
+    product = (a_mat @ flat(permuted).T).double().cpu()
+    cache[(name, axis)] = (product, dict(others))
+    return product
 
 
 def _input_batches(data: Any, limit: int) -> list[torch.Tensor]:
