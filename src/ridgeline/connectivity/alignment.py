@@ -197,14 +197,15 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     # A's side of every term is fixed: precompute its flattened matrix once
     a_mats = {(k, axis): a_side[k].movedim(axis, 0).reshape(a_side[k].shape[axis], -1)
               for p in groups for k, axis in groups[p]}
+    # every cost term W_A,k^(a) (W̃_B,k^(a))ᵀ, with the permutations it was computed with
+    terms: dict[tuple[str, int], tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
     # terms whose tensor has no other permuted axis never change: compute them once
     fixed_terms = {}
     for p in groups:
         for k, axis in groups[p]:
             if all(other is None or a == axis for a, other in enumerate(spec.axes[k])):
-                n = sizes[p]
-                product = a_mats[(k, axis)] @ b_side[k].movedim(axis, 0).reshape(n, -1).T
-                fixed_terms[p] = fixed_terms.get(p, 0) + product.double().cpu()
+                product = _cost_term(terms, k, axis, a_side[k], b_side[k], a_mats[(k, axis)], {})
+                fixed_terms[p] = product + fixed_terms[p] if p in fixed_terms else product
     order = [p for p in sizes if groups[p]]
     # the other permutations each cost matrix reads; a permutation whose inputs have not
     # changed since it was last solved has the same cost matrix, and solving it again would
@@ -215,7 +216,6 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     changes = dict.fromkeys(sizes, 0)  # how many times each permutation has changed
     solved_at: dict[str, dict[str, int]] = {}
     potentials: dict[str, np.ndarray] = {}
-    terms: dict[tuple[str, int], tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
     trace: list[float] = []
     converged = False
     for _ in range(max(int(max_iter), 1)):
@@ -227,15 +227,15 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
             if solved_at.get(p) == inputs:
                 continue
             solved_at[p] = inputs
-            cost = (fixed_terms[p].clone() if p in fixed_terms
-                    else torch.zeros(n, n, dtype=torch.float64))
+            cost = fixed_terms.get(p)  # never written in place: the terms are cached
             for k, axis in groups[p]:
                 if all(other is None or a == axis for a, other in enumerate(spec.axes[k])):
                     continue
                 others = {a: perms[other] for a, other in enumerate(spec.axes[k])
                           if other is not None and a != axis}
-                cost += _cost_term(terms, k, axis, a_side[k], b_side[k], a_mats[(k, axis)],
-                                   others)
+                product = _cost_term(terms, k, axis, a_side[k], b_side[k], a_mats[(k, axis)],
+                                     others)
+                cost = product if cost is None else cost + product
             # exact; warm-started with the dual potentials of this permutation's last solve
             cols, potentials[p] = solve_assignment(cost.numpy(), potentials.get(p))
             old = float(cost[torch.arange(n), perms[p]].sum())
@@ -259,10 +259,11 @@ def _cost_term(cache: dict, name: str, axis: int, w_a: torch.Tensor, w_b: torch.
     ``others`` (axis → perm) applied to B's other axes; float64 on the CPU.
 
     The first product is one GEMM in the parameters' dtype and device (as before). Later,
-    when a single other permutation moved only a few units S, only the slices of that axis
-    at S change, so the product is updated by the exact difference of their contributions,
-    W_A[S]ᵀ-side (W̃_B,new[S] − W̃_B,old[S]), computed in float64: |S|/n of a GEMM, and no
-    rounding drift (the float64 update of float32 weights is exact to ~1e-16).
+    when a single other permutation moved only the units S (|S| ≤ n/2), only B's slices at
+    S along that axis changed, so the product is updated by their contribution
+    W_A[S] (W̃_B,new[S] − W̃_B,old[S])ᵀ (the sum over the other axes restricted to S):
+    |S|/n of a GEMM, with the same rounding as a GEMM of those slices. The cache keeps the
+    product and the permutations it was computed with.
     """
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.movedim(axis, 0).reshape(t.shape[axis], -1)
@@ -270,20 +271,21 @@ def _cost_term(cache: dict, name: str, axis: int, w_a: torch.Tensor, w_b: torch.
     cached = cache.get((name, axis))
     if cached is not None:
         product, used = cached
-        moved = [a for a in others if not torch.equal(others[a], used[a])]
+        moved = [a for a in others if others[a] is not used[a]
+                 and not torch.equal(others[a], used[a])]
         if not moved:
             return product
         units = (torch.nonzero(others[moved[0]] != used[moved[0]]).squeeze(1)
                  if len(moved) == 1 else None)
-        if units is not None and 3 * units.numel() <= others[moved[0]].numel():
+        if units is not None and 2 * units.numel() <= others[moved[0]].numel():
             a_moved, device = moved[0], w_b.device
             new, old = w_b, w_b
             for a, perm in others.items():
                 new = new.index_select(a, (perm[units] if a == a_moved else perm).to(device))
                 old = old.index_select(a, (used[a][units] if a == a_moved else perm).to(device))
-            wide = torch.float32 if device.type == "mps" else torch.float64
-            part = flat(w_a.index_select(a_moved, units.to(w_a.device))).to(wide)
-            product = product + (part @ (flat(new).to(wide) - flat(old).to(wide)).T).double().cpu()
+            part = flat(w_a.index_select(a_moved, units.to(w_a.device)))
+            delta = part @ (flat(new) - flat(old)).T
+            product = product + delta.double().cpu()
             cache[(name, axis)] = (product, dict(others))
             return product
     permuted = w_b
