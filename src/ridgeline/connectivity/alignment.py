@@ -237,7 +237,8 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
                                      others)
                 cost = product if cost is None else cost + product
             # exact; warm-started with the dual potentials of this permutation's last solve
-            cols, potentials[p] = solve_assignment(cost.numpy(), potentials.get(p))
+            cols, potentials[p] = solve_assignment(cost.numpy(), potentials.get(p),
+                                                   perms[p].numpy())
             old = float(cost[torch.arange(n), perms[p]].sum())
             new = float(cost.numpy()[np.arange(n), cols].sum())
             if new > old + 1e-12 * max(1.0, abs(old)):
@@ -285,7 +286,7 @@ def _cost_term(cache: dict, name: str, axis: int, w_a: torch.Tensor, w_b: torch.
                 old = old.index_select(a, (used[a][units] if a == a_moved else perm).to(device))
             part = flat(w_a.index_select(a_moved, units.to(w_a.device)))
             delta = part @ (flat(new) - flat(old)).T
-            product = product + delta.double().cpu()
+            product.add_(delta.cpu())  # float64 += float32 (or the parameters' dtype)
             cache[(name, axis)] = (product, dict(others))
             return product
     permuted = w_b

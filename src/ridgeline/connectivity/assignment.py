@@ -32,8 +32,8 @@ from scipy.optimize import linear_sum_assignment
 __all__ = ["solve_assignment"]
 
 
-def solve_assignment(cost: np.ndarray, potentials: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def solve_assignment(cost: np.ndarray, potentials: np.ndarray | None = None,
+                     start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The assignment maximising Σ_i cost[i, σ(i)] of a square matrix, warm-started.
 
     Parameters
@@ -43,6 +43,9 @@ def solve_assignment(cost: np.ndarray, potentials: np.ndarray | None = None
     potentials : ndarray (n,), optional
         Column potentials returned by the previous solve of a related matrix (any values
         are valid: they change only the speed, never the optimum). ``None``: zeros.
+    start : ndarray (n,), optional
+        An assignment expected to be near the optimum (the previous one); with
+        ``potentials``, one relaxation round around it adapts them to this matrix first.
 
     Returns
     -------
@@ -59,15 +62,31 @@ def solve_assignment(cost: np.ndarray, potentials: np.ndarray | None = None
     n, m = cost.shape
     if n != m:
         raise ValueError(f"solve_assignment needs a square matrix, got {n} × {m}.")
-    v0 = np.zeros(n) if potentials is None else np.asarray(potentials, dtype=np.float64)
-    # minimisation form shifted by the potentials: w_ij = −C_ij − v0_j
-    shifted = np.add(cost, v0[None, :])
-    np.negative(shifted, out=shifted)
-    _, cols = linear_sum_assignment(shifted)
     rows = np.arange(n)
-    # one Bellman–Ford round: u_i = w_{iσ(i)}; v_j = v0_j + min(0, min_i w_ij − u_i)
+    if potentials is None:
+        v = np.zeros(n)
+        shifted = np.negative(cost)
+    else:
+        v = np.array(potentials, dtype=np.float64)
+        # minimisation form shifted by the potentials: w_ij = −C_ij − v_j
+        shifted = np.subtract(-v[None, :], cost)
+        if start is not None:
+            step = _relaxation(shifted, np.asarray(start), rows, in_place=False)
+            shifted -= step[None, :]
+            v += step
+    _, cols = linear_sum_assignment(shifted)
+    return cols, v + _relaxation(shifted, cols, rows, in_place=True)
+
+
+def _relaxation(shifted: np.ndarray, cols: np.ndarray, rows: np.ndarray, *, in_place: bool
+                ) -> np.ndarray:
+    """One Bellman–Ford round around the assignment ``cols``: with u_i = w_{i cols(i)},
+    t_j = min(0, min_i (w_ij − u_i)), so that (u, t) is a feasible dual of w."""
     u = shifted[rows, cols]
-    shifted -= u[:, None]
-    step = shifted.min(axis=0)
-    np.minimum(step, 0.0, out=step)
-    return cols, v0 + step
+    if in_place:
+        shifted -= u[:, None]
+        reduced = shifted
+    else:
+        reduced = shifted - u[:, None]
+    step = reduced.min(axis=0)
+    return np.minimum(step, 0.0, out=step)
