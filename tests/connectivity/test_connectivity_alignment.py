@@ -209,3 +209,19 @@ def test_weight_matching_equals_the_plain_algorithm_unit_by_unit(seed):
     assert result.converged
     for name, perm in truth.items():
         assert torch.equal(result.permutations[name], perm), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("factory", [lambda: mlp(6, [48, 40, 32], 3),
+                                     lambda: cnn1d(channels=(24, 20), out_features=3)])
+def test_weight_matching_on_wider_models_equals_the_plain_algorithm(seed, factory):
+    """Wide enough that later passes move few units (incremental cost terms, warm-started
+    assignments): still the permutations of Git Re-Basin's Algorithm 1 written plainly."""
+    torch.manual_seed(20 + seed)
+    model_a, model_b = factory().double(), factory().double()
+    spec = permutation_spec(model_a)
+    truth = _reference_weight_matching(model_state(model_a), model_state(model_b), spec, seed)
+    result = align(model_a, model_b, seed=seed)
+    assert result.converged and result.iterations > 2
+    for name, perm in truth.items():
+        assert torch.equal(result.permutations[name], perm), name

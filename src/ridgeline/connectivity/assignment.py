@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ridgeline.errors import ShapeMismatchError
+
 __all__ = ["solve_assignment"]
 
 
@@ -61,7 +63,8 @@ def solve_assignment(cost: np.ndarray, potentials: np.ndarray | None = None,
     cost = np.asarray(cost, dtype=np.float64)
     n, m = cost.shape
     if n != m:
-        raise ValueError(f"solve_assignment needs a square matrix, got {n} × {m}.")
+        raise ShapeMismatchError(f"solve_assignment needs a square cost matrix, got {n} × {m}: "
+                                 "pad it with zero rows or columns to make it square.")
     rows = np.arange(n)
     if potentials is None:
         v = np.zeros(n)
