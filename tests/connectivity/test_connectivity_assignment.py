@@ -10,8 +10,9 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ridgeline.connectivity.alignment import _cost_term
+from ridgeline.connectivity.alignment import _CostMatrices
 from ridgeline.connectivity.assignment import solve_assignment
+from ridgeline.connectivity.permutation_spec import PermutationSpec
 from ridgeline.errors import ShapeMismatchError
 
 
@@ -92,23 +93,27 @@ def test_a_non_square_matrix_is_refused():
 
 
 @pytest.mark.parametrize("changed", [2, 5, 8])
-def test_incrementally_updated_cost_term_equals_the_fresh_product(changed):
-    """A cost term updated for a few moved units of another permutation equals the term
-    computed from scratch (float64 weights: to round-off), for a conv weight whose other
-    two axes carry permutations (only one of them moves)."""
+def test_incrementally_updated_cost_matrix_equals_the_fresh_product(changed):
+    """A cost matrix updated for a few moved units of another permutation equals the one
+    computed from scratch (float64 weights: to round-off), several updates in a row, for a
+    conv weight with permutations on two axes plus a bias (a term that never changes)."""
     gen = torch.Generator().manual_seed(changed)
-    w_a = torch.randn(16, 12, 5, dtype=torch.float64, generator=gen)
-    w_b = torch.randn(16, 12, 5, dtype=torch.float64, generator=gen)
-    axis, a_mat = 1, w_a.movedim(1, 0).reshape(12, -1)
-    p0 = torch.randperm(16, generator=gen)
-    others = {0: p0}
-    cache: dict = {}
-    _cost_term(cache, "w", axis, w_a, w_b, a_mat, others)
-    for _ in range(4):  # several updates in a row: no drift
+    shapes = {"w": (16, 12, 5), "b": (12,)}
+    side_a = {k: torch.randn(*v, dtype=torch.float64, generator=gen) for k, v in shapes.items()}
+    side_b = {k: torch.randn(*v, dtype=torch.float64, generator=gen) for k, v in shapes.items()}
+    spec = PermutationSpec({"P0": 16, "P1": 12}, {"w": ("P0", "P1", None), "b": ("P1",)})
+    costs = _CostMatrices(side_a, side_b, spec, spec.perm_to_axes(list(shapes)))
+    perms = {"P0": torch.randperm(16, generator=gen), "P1": torch.arange(12)}
+
+    def fresh():
+        w_b = side_b["w"].index_select(0, perms["P0"])
+        flat_a = side_a["w"].movedim(1, 0).reshape(12, -1)
+        return flat_a @ w_b.movedim(1, 0).reshape(12, -1).T + torch.outer(side_a["b"], side_b["b"])
+
+    assert torch.allclose(costs.matrix("P1", perms), fresh(), rtol=0, atol=1e-12)
+    for _ in range(4):
         moved = torch.randperm(16, generator=gen)[:changed]
-        p_new = others[0].clone()
-        p_new[moved] = others[0][moved[torch.randperm(changed, generator=gen)]]
-        others = {0: p_new}
-        updated = _cost_term(cache, "w", axis, w_a, w_b, a_mat, others)
-        fresh = a_mat @ w_b.index_select(0, p_new).movedim(1, 0).reshape(12, -1).T
-        assert torch.allclose(updated, fresh, rtol=0, atol=1e-12)
+        new = perms["P0"].clone()
+        new[moved] = perms["P0"][moved[torch.randperm(changed, generator=gen)]]
+        perms["P0"] = new
+        assert torch.allclose(costs.matrix("P1", perms), fresh(), rtol=0, atol=1e-12)

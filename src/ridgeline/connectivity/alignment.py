@@ -194,18 +194,7 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
                  else torch.arange(n)) for p, n in sizes.items()}
     a_side = {k: params_a[k].detach() for k in names}
     b_side = {k: params_b[k].detach() for k in names}
-    # A's side of every term is fixed: precompute its flattened matrix once
-    a_mats = {(k, axis): a_side[k].movedim(axis, 0).reshape(a_side[k].shape[axis], -1)
-              for p in groups for k, axis in groups[p]}
-    # every cost term W_A,k^(a) (W̃_B,k^(a))ᵀ, with the permutations it was computed with
-    terms: dict[tuple[str, int], tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
-    # terms whose tensor has no other permuted axis never change: compute them once
-    fixed_terms = {}
-    for p in groups:
-        for k, axis in groups[p]:
-            if all(other is None or a == axis for a, other in enumerate(spec.axes[k])):
-                product = _cost_term(terms, k, axis, a_side[k], b_side[k], a_mats[(k, axis)], {})
-                fixed_terms[p] = product + fixed_terms[p] if p in fixed_terms else product
+    costs = _CostMatrices(a_side, b_side, spec, groups)
     order = [p for p in sizes if groups[p]]
     # the other permutations each cost matrix reads; a permutation whose inputs have not
     # changed since it was last solved has the same cost matrix, and solving it again would
@@ -227,15 +216,7 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
             if solved_at.get(p) == inputs:
                 continue
             solved_at[p] = inputs
-            cost = fixed_terms.get(p)  # never written in place: the terms are cached
-            for k, axis in groups[p]:
-                if all(other is None or a == axis for a, other in enumerate(spec.axes[k])):
-                    continue
-                others = {a: perms[other] for a, other in enumerate(spec.axes[k])
-                          if other is not None and a != axis}
-                product = _cost_term(terms, k, axis, a_side[k], b_side[k], a_mats[(k, axis)],
-                                     others)
-                cost = product if cost is None else cost + product
+            cost = costs.matrix(p, perms)  # updated in place by the next call for p
             # exact; warm-started with the dual potentials of this permutation's last solve
             cols, potentials[p] = solve_assignment(cost.numpy(), potentials.get(p),
                                                    perms[p].numpy())
@@ -254,48 +235,87 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     return perms, trace, converged
 
 
-def _cost_term(cache: dict, name: str, axis: int, w_a: torch.Tensor, w_b: torch.Tensor,
-               a_mat: torch.Tensor, others: dict[int, torch.Tensor]) -> torch.Tensor:
-    """W_A^(a) (W̃_B^(a))ᵀ for tensor ``name``, axis ``axis``, with the permutations
-    ``others`` (axis → perm) applied to B's other axes; float64 on the CPU.
+class _CostMatrices:
+    """The cost matrix C_P = Σ_{(k, a) ∋ P} W_A,k^(a) (W̃_B,k^(a))ᵀ of every permutation,
+    float64 on the CPU, kept up to date as the other permutations move.
 
-    The first product is one GEMM in the parameters' dtype and device (as before). Later,
-    when a single other permutation moved only the units S (|S| ≤ n/2), only B's slices at
-    S along that axis changed, so the product is updated by their contribution
-    W_A[S] (W̃_B,new[S] − W̃_B,old[S])ᵀ (the sum over the other axes restricted to S):
-    |S|/n of a GEMM, with the same rounding as a GEMM of those slices. The cache keeps the
-    product and the permutations it was computed with.
+    Terms whose tensor has no other permuted axis never change and are computed once. The
+    first matrix of a permutation is one GEMM per term in the parameters' dtype and device
+    (as the plain algorithm). Later, when each term saw a single other permutation move
+    only the units S (|S| ≤ n/2), only B's slices at S along that axis changed, so the
+    matrix is updated in place by their contribution W_A[S] (W̃_B,new[S] − W̃_B,old[S])ᵀ
+    (the sum over the other axes restricted to S): |S|/n of a GEMM, with the rounding of
+    a GEMM of those slices; otherwise it is recomputed.
     """
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.movedim(axis, 0).reshape(t.shape[axis], -1)
 
-    cached = cache.get((name, axis))
-    if cached is not None:
-        product, used = cached
-        moved = [a for a in others if others[a] is not used[a]
-                 and not torch.equal(others[a], used[a])]
-        if not moved:
-            return product
-        units = (torch.nonzero(others[moved[0]] != used[moved[0]]).squeeze(1)
-                 if len(moved) == 1 else None)
-        if units is not None and 2 * units.numel() <= others[moved[0]].numel():
-            a_moved, device = moved[0], w_b.device
-            new, old = w_b, w_b
-            for a, perm in others.items():
-                new = new.index_select(a, (perm[units] if a == a_moved else perm).to(device))
-                old = old.index_select(a, (used[a][units] if a == a_moved else perm).to(device))
-            part = flat(w_a.index_select(a_moved, units.to(w_a.device)))
-            delta = part @ (flat(new) - flat(old)).T
-            product.add_(delta.cpu())  # float64 += float32 (or the parameters' dtype)
-            cache[(name, axis)] = (product, dict(others))
-            return product
-    permuted = w_b
-    for a, perm in others.items():
-        permuted = permuted.index_select(a, perm.to(permuted.device))
-    # in the parameters' own dtype and device; summed in float64 on the CPU
-    product = (a_mat @ flat(permuted).T).double().cpu()
-    cache[(name, axis)] = (product, dict(others))
-    return product
+    def __init__(self, a_side: Mapping[str, torch.Tensor], b_side: Mapping[str, torch.Tensor],
+                 spec: PermutationSpec, groups: Mapping[str, list[tuple[str, int]]]) -> None:
+        self.a_side, self.b_side, self.spec = a_side, b_side, spec
+        self.terms: dict[str, list[tuple[str, int]]] = {}
+        self.fixed: dict[str, torch.Tensor] = {}
+        for p, axes in groups.items():
+            for k, axis in axes:
+                if all(q is None or a == axis for a, q in enumerate(spec.axes[k])):
+                    product = self._product(k, axis, {})
+                    self.fixed[p] = self.fixed[p] + product if p in self.fixed else product
+                else:
+                    self.terms.setdefault(p, []).append((k, axis))
+        self.cost: dict[str, torch.Tensor] = {}
+        self.used: dict[str, dict[tuple[str, int], dict[int, torch.Tensor]]] = {}
+
+    def _others(self, k: str, axis: int, perms: Mapping[str, torch.Tensor]
+                ) -> dict[int, torch.Tensor]:
+        return {a: perms[q] for a, q in enumerate(self.spec.axes[k]) if q is not None and a != axis}
+
+    def _flat(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+
+    def _product(self, k: str, axis: int, others: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        permuted = self.b_side[k]
+        for a, perm in others.items():
+            permuted = permuted.index_select(a, perm.to(permuted.device))
+        # in the parameters' own dtype and device; summed in float64 on the CPU
+        return (self._flat(self.a_side[k], axis) @ self._flat(permuted, axis).T).double().cpu()
+
+    def _delta(self, k: str, axis: int, others: Mapping[int, torch.Tensor],
+               used: Mapping[int, torch.Tensor], moved: int, units: torch.Tensor) -> torch.Tensor:
+        w_a, w_b = self.a_side[k], self.b_side[k]
+        new, old = w_b, w_b
+        for a, perm in others.items():
+            new = new.index_select(a, (perm[units] if a == moved else perm).to(w_b.device))
+            old = old.index_select(a, (used[a][units] if a == moved else perm).to(w_b.device))
+        part = self._flat(w_a.index_select(moved, units.to(w_a.device)), axis)
+        return (part @ (self._flat(new, axis) - self._flat(old, axis)).T).cpu()
+
+    def matrix(self, p: str, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """C_p at the current ``perms`` (the returned tensor is updated in place by the next
+        call for ``p``)."""
+        current = {(k, axis): self._others(k, axis, perms) for k, axis in self.terms.get(p, [])}
+        if p in self.cost:
+            updates: list | None = []
+            for (k, axis), others in current.items():
+                used = self.used[p][(k, axis)]
+                moved = [a for a in others
+                         if others[a] is not used[a] and not torch.equal(others[a], used[a])]
+                if not moved:
+                    continue
+                units = (torch.nonzero(others[moved[0]] != used[moved[0]]).squeeze(1)
+                         if len(moved) == 1 else None)
+                if units is None or 2 * units.numel() > others[moved[0]].numel():
+                    updates = None
+                    break
+                updates.append((k, axis, others, used, moved[0], units))
+            if updates is not None:
+                for update in updates:
+                    self.cost[p].add_(self._delta(*update))  # float64 += parameters' dtype
+                self.used[p] = current
+                return self.cost[p]
+        cost = self.fixed[p].clone() if p in self.fixed else None
+        for (k, axis), others in current.items():
+            product = self._product(k, axis, others)
+            cost = product if cost is None else cost.add_(product)
+        self.cost[p], self.used[p] = cost, current
+        return cost
 
 
 def _input_batches(data: Any, limit: int) -> list[torch.Tensor]:
