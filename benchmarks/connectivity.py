@@ -6,13 +6,14 @@ Three MNIST-1D MLPs (40-W-W-10, SGD as in the default study) are trained once:
 * Git Re-Basin effect (a vs b, different seeds): naive barrier, barrier after weight
   matching (goal: ≥ 70 % lower), after activation matching and with REPAIR.
 * Weight matching, ridgeline vs rebasin's PermutationCoordinateDescent on the same pair:
-  median time and the barrier each aligned model reaches (same evaluator for both).
+  best CPU time of interleaved runs and the barrier each aligned model reaches (same
+  evaluator for both), also averaged over several visiting orders (seeds) of each.
 * Linear path, ridgeline.interpolate vs loss_landscapes.linear_interpolation: time and
   agreement of the losses at the common α.
 * Layer-wise barrier prediction (a vs c, same init, different data order): Spearman rank
   correlation of predicted vs measured layer barriers (goal ≥ 0.6).
 
-Run: ``python -m benchmarks connectivity [--width 512] [--epochs 20] [--threads 1]``.
+Run: ``python -m benchmarks connectivity [--width 512] [--epochs 20] [--threads 1] [--orders 5]``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,25 @@ def _rebasin(model_a, model_b, inputs):
     aligned = copy.deepcopy(model_b)  # rebasin edits both models it is given
     PermutationCoordinateDescent(copy.deepcopy(model_a), aligned, inputs[:8]).rebasin()
     return aligned
+
+
+def _rebasin_seeded(model_a, model_b, inputs, seed: int):
+    """rebasin's run with its visiting order (``torch.randperm``) drawn from ``seed``."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return _rebasin(model_a, model_b, inputs)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _barrier_over_orders(aligned_model, model_a, data, orders: int, points: int) -> str:
+    """Mean and range of the loss barrier of A to the aligned B over visiting orders
+    (seeds 0 … orders−1): both libraries visit the permutations in a random order, so one
+    run's barrier is one draw."""
+    values = [interpolate(model_a, aligned_model(seed), data, points=points).barrier
+              for seed in range(orders)]
+    return f"mean {sum(values) / len(values):.4f} ({min(values):.4f}–{max(values):.4f})"
 
 
 def interleaved_best(runs: dict, repeats: int) -> tuple[dict, dict]:
@@ -91,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--points", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--orders", type=int, default=5,
+                        help="visiting orders (seeds) over which weight matching barriers are "
+                             "averaged, for both libraries")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 gives stable timings on a shared machine)")
     args = parser.parse_args(argv)
@@ -138,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         peer_path = interpolate(model_a, peer_model, train, points=args.points)
         inner = sum(float((p.detach() * q.detach()).sum())
                     for p, q in zip(model_a.parameters(), peer_model.parameters()))
+        spread = _barrier_over_orders(
+            lambda s: _rebasin_seeded(model_a, model_b, train.inputs, s), model_a, train,
+            args.orders, args.points)
         peer = Row("", "rebasin", t_peer, f"barrier {peer_path.barrier:.4f}",
-                   {"Σ⟨θA,π(θB)⟩": f"{inner:.2f}", "function drift": f"{drift:.1e}"})
+                   {"Σ⟨θA,π(θB)⟩": f"{inner:.2f}", "function drift": f"{drift:.1e}",
+                    f"barrier over {args.orders} orders": spread})
     except Skip as exc:
         peer = Row("", "rebasin", None, str(exc))
     for tol, rule in ((0.0, "stop when a pass improves nothing"), (1e-3, "tol=1e-3")):
@@ -148,10 +175,14 @@ def main(argv: list[str] | None = None) -> None:
         path = interpolate(model_a, ours.model, train, points=args.points)
         with torch.no_grad():
             drift = float((ours.model(train.inputs) - model_b(train.inputs)).abs().max())
+        spread = _barrier_over_orders(
+            lambda s, tol=tol: align(model_a, model_b, method="weights", tol=tol, seed=s).model,
+            model_a, train, args.orders, args.points)
         rows.append(Row(case, "ridgeline", t_ours, f"barrier {path.barrier:.4f}",
                         {"passes": ours.iterations,
                          "Σ⟨θA,π(θB)⟩": f"{ours.objective_trace[-1]:.2f}",
-                         "function drift": f"{drift:.1e}"}))
+                         "function drift": f"{drift:.1e}",
+                         f"barrier over {args.orders} orders": spread}))
         rows.append(Row(case, peer.library, peer.seconds, peer.result, dict(peer.extra)))
     # ---------------------------------------------------------------- linear path peers
     case = f"linear path, {args.points} points, N=4000"
