@@ -225,3 +225,26 @@ def test_weight_matching_on_wider_models_equals_the_plain_algorithm(seed, factor
     assert result.converged and result.iterations > 2
     for name, perm in truth.items():
         assert torch.equal(result.permutations[name], perm), name
+
+
+def test_the_spec_is_traced_once_per_plain_architecture_and_equals_a_fresh_trace():
+    from ridgeline.connectivity import alignment
+
+    alignment._SPEC_CACHE.clear()
+    torch.manual_seed(6)
+    for factory in (lambda: mlp(5, [7, 6], 3), lambda: mlp(5, [7, 6], 3, norm="layer"),
+                    lambda: mlp(5, [7, 6], 3, activation="tanh")):
+        first, second = align(factory(), factory()), align(factory(), factory())
+        fresh = permutation_spec(factory())
+        for result in (first, second):
+            assert result.spec.perms == fresh.perms and result.spec.axes == fresh.axes
+        first.spec.perms.clear()  # a caller editing its spec does not touch the cache
+        assert align(factory(), factory()).spec.perms == fresh.perms
+    assert len(alignment._SPEC_CACHE) == 3  # tanh, layer norm: other architectures
+
+    hooked = mlp(5, [7, 6], 3)
+    hooked[1].register_forward_hook(lambda *args: None)
+    x = torch.randn(2, 5)
+    assert alignment._architecture_key(hooked, x) is None  # hooks may change the graph
+    assert alignment._architecture_key(cnn1d(channels=(4,), out_features=2),
+                                       torch.randn(2, 1, 16)) is None  # custom module
