@@ -157,6 +157,12 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     improves nothing (Git Re-Basin's rule, ``tol=0``) or, with ``tol > 0``, when a pass
     raises the objective by less than ``tol`` times its value.
 
+    Three exact economies (the permutations are those of the plain algorithm, tested unit
+    by unit): a permutation whose cost matrix reads no permutation changed since its last
+    solve is skipped; C is updated by the units that moved (:class:`_CostMatrices`); and
+    each assignment starts from the dual potentials of the permutation's previous one
+    (:func:`assignment.solve_assignment`), which leaves the optimum unchanged.
+
     ``restarts`` runs the descent that many times by iterated local search (each restart
     starts from the best permutations so far with about half of them redrawn at random,
     in another visiting order) and keeps the highest final objective; ``None``: 1 for
