@@ -565,7 +565,7 @@ def align(model_a: nn.Module, model_b: nn.Module, *, method: str = "weights", da
         Weight matching stops when a full pass improves nothing (``tol=0``, the rule of
         Git Re-Basin) or when it raises Σ⟨θ_A, π(θ_B)⟩ by less than ``tol`` times its value
         (late passes of trained networks creep up by ~0.01 % each and barely move the
-        barrier; ``tol=1e-3`` typically halves the time).
+        barrier; ``tol=1e-3`` is ~1.5× faster on a 2×512 MLP, at a ~1 % higher barrier).
     seed : int
         Seeds the random order in which weight matching visits the permutations.
     restarts : int, optional
