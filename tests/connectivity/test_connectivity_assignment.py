@@ -87,9 +87,11 @@ def test_matrices_with_ties_reach_the_dense_optimum_value_exactly(kind):
         assert _value(cost, cols) == truth
 
 
-def test_a_non_square_matrix_is_refused():
+def test_a_non_square_matrix_is_refused_and_an_empty_one_is_solved():
     with pytest.raises(ShapeMismatchError, match="square"):
         solve_assignment(np.zeros((3, 4)))
+    cols, potentials = solve_assignment(np.zeros((0, 0)), np.zeros(0), np.zeros(0, int))
+    assert cols.size == 0 and potentials.size == 0
 
 
 @pytest.mark.parametrize("changed", [2, 5, 8])

@@ -67,31 +67,20 @@ def solve_assignment(cost: np.ndarray, potentials: np.ndarray | None = None,
     if n != m:
         raise ShapeMismatchError(f"solve_assignment needs a square cost matrix, got {n} × {m}: "
                                  "pad it with zero rows or columns to make it square.")
+    if n == 0:
+        return np.zeros(0, dtype=np.intp), np.zeros(0)
     rows = np.arange(n)
-    if potentials is None:
-        v = np.zeros(n)
-        shifted = np.negative(cost)
-    else:
-        v = np.array(potentials, dtype=np.float64)
-        # minimisation form shifted by the potentials: w_ij = −C_ij − v_j
-        shifted = np.subtract(-v[None, :], cost)
-        if start is not None:
-            step = _relaxation(shifted, np.asarray(start), rows, in_place=False)
-            shifted -= step[None, :]
-            v += step
+    v = np.zeros(n) if potentials is None else np.array(potentials, dtype=np.float64)
+    if potentials is not None and start is not None:
+        # a round around ``start`` in the costs w = −C − v: with g_i = C_{i start(i)} +
+        # v_{start(i)}, min_i (w_ij − w_{i start(i)}) = −(v_j + max_i (C_ij − g_i))
+        start = np.asarray(start)
+        gain = cost[rows, start] + v[start]
+        v += np.minimum(-(v + (cost - gain[:, None]).max(axis=0)), 0.0)
+    # minimisation form shifted by the potentials: w_ij = −C_ij − v_j
+    shifted = np.subtract(-v[None, :], cost)
     _, cols = linear_sum_assignment(shifted)
-    return cols, v + _relaxation(shifted, cols, rows, in_place=True)
+    # a round around the optimum, for the next solve: t_j = min(0, min_i (w_ij − w_{iσ(i)}))
+    shifted -= shifted[rows, cols][:, None]
+    return cols, v + np.minimum(shifted.min(axis=0), 0.0)
 
-
-def _relaxation(shifted: np.ndarray, cols: np.ndarray, rows: np.ndarray, *, in_place: bool
-                ) -> np.ndarray:
-    """One Bellman–Ford round around the assignment ``cols``: with u_i = w_{i cols(i)},
-    t_j = min(0, min_i (w_ij − u_i)), so that (u, t) is a feasible dual of w."""
-    u = shifted[rows, cols]
-    if in_place:
-        shifted -= u[:, None]
-        reduced = shifted
-    else:
-        reduced = shifted - u[:, None]
-    step = reduced.min(axis=0)
-    return np.minimum(step, 0.0, out=step)
