@@ -232,7 +232,9 @@ def weight_matching(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
                 perms[p] = torch.as_tensor(cols, dtype=torch.long)
                 changes[p] += 1
                 improved = True
-        trace.append(_inner(a_side, apply_permutations(b_side, spec, perms)))
+        # a pass that changed nothing leaves the objective as it was, to the last bit
+        trace.append(trace[-1] if trace and not improved
+                     else _inner(a_side, apply_permutations(b_side, spec, perms)))
         small = (tol > 0 and len(trace) > 1
                  and trace[-1] - trace[-2] < tol * max(abs(trace[-2]), 1e-12))
         if not improved or small:
