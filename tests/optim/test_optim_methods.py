@@ -117,7 +117,7 @@ def test_saf_step_makes_the_update_of_backpropagating_loss_plus_term():
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # the term was on: both differ from plain SGD on the same batches
-    assert max(float((a - b).abs().max()) for a, b in zip(nets[0].parameters(),
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(nets[0].parameters(),
                                                           plain.parameters())) > 1e-4
 
 
