@@ -9,7 +9,13 @@ attention or MLP moves from A to B) are measured for the naive and the weight-ma
 pair. Weight matching of the pair is timed and divided by the parameter count, next to an
 MLP 40-W'-W'-10 of similar size.
 
-Run: ``python -m benchmarks transformer_connectivity [--width 64] [--epochs 20] [--seeds 3 4]``.
+``--kv-heads G`` trains and aligns a pair of grouped-query transformers instead
+(``transformer(..., heads=4, kv_heads=G)``: G key/value heads, each shared by 4/G query
+heads), trained exactly as the multi-head pair; alignment then also permutes the groups,
+the query heads within each group and the features within each head.
+
+Run: ``python -m benchmarks transformer_connectivity [--width 64] [--epochs 20] [--seeds 3 4]
+[--kv-heads 2]``.
 """
 
 from __future__ import annotations
@@ -52,17 +58,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--points", type=int, default=11)
     parser.add_argument("--seeds", type=int, nargs=2, default=(1, 2),
                         help="init (= data order) seeds of the two transformers")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads (grouped-query attention; must divide the 4 "
+                             "heads); default: 4, plain multi-head attention")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train, test = mnist1d("train"), mnist1d("test")
 
     def factory():
-        return transformer(40, 10, width=args.width, depth=2, heads=4)
+        return transformer(40, 10, width=args.width, depth=2, heads=4, kv_heads=args.kv_heads)
 
     s_a, s_b = args.seeds
     a = _train(factory, s_a, s_a, args.epochs, train, 3e-3)
     b = _train(factory, s_b, s_b, args.epochs, train, 3e-3)
     out: dict = {"width": args.width, "epochs": args.epochs, "seeds": list(args.seeds),
+                 "heads": 4, "kv_heads": args.kv_heads or 4,
                  "parameters": sum(p.numel() for p in a.parameters())}
 
     def path(model_b):
