@@ -33,7 +33,7 @@ def test_transformer_is_rebuilt_from_its_recorded_arguments():
     assert arch["factory"] == "transformer"
     assert arch["kwargs"] == {"in_features": 40, "out_features": 10, "patch": 4, "width": 64,
                               "depth": 2, "heads": 4, "mlp_ratio": 2, "norm": "layer",
-                              "pool": "mean"}
+                              "pool": "mean", "kv_heads": None}
     rebuilt = build_model(arch["factory"], **arch["kwargs"])
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randn(3, 40)

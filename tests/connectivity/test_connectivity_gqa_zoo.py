@@ -189,3 +189,15 @@ def test_grouped_and_multi_head_transformers_are_not_aligned_with_each_other():
     b = transformer(40, 10, width=16, heads=4, depth=1)
     with pytest.raises(ArchitectureMismatchError, match="k.weight"):
         align(a, b, example_input=torch.randn(2, 40))
+
+
+def test_a_grouped_query_transformer_is_rebuilt_from_its_recorded_arguments():
+    torch.manual_seed(0)
+    model = transformer(40, 10, width=16, heads=4, depth=1, kv_heads=2).eval()
+    arch = model.ridgeline_architecture
+    assert arch["factory"] == "transformer" and arch["kwargs"]["kv_heads"] == 2
+    rebuilt = build_model(arch["factory"], **arch["kwargs"]).eval()
+    rebuilt.load_state_dict(model.state_dict())  # strict: same names and shapes
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
