@@ -201,3 +201,36 @@ def test_a_grouped_query_transformer_is_rebuilt_from_its_recorded_arguments():
     x = torch.randn(3, 40)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
+
+
+def test_multi_query_zoo_transformer_permutes_query_heads_and_shared_features_exactly():
+    """kv_heads=1: ground truth built from the symmetry (query heads ρ, one q/k order τ of
+    K's outputs and every query block, one value order υ of V's outputs and every output
+    block, the residual stream, the MLP) keeps the function in float64; weight matching
+    undoes it exactly and activation matching keeps the function."""
+    torch.manual_seed(3)
+    model = transformer(40, 10, width=16, heads=4, depth=2, kv_heads=1).double().eval()
+    x = torch.randn(4, 40, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    for i in range(2):
+        p = f"blocks.{i}.attn."
+        q, k = spec.axes[p + "q.weight"][0], spec.axes[p + "k.weight"][0]
+        v, out = spec.axes[p + "v.weight"][0], spec.axes[p + "out.weight"][1]
+        group, rho = spec.structure[q][1], spec.structure[q][6]
+        assert spec.structure[k] == spec.structure[v] == ("heads", group, 1, 4, True)
+        assert spec.structure[q] == ("grouped", group, 1, 4, 4, k, rho)
+        assert spec.structure[out] == ("grouped", group, 1, 4, 4, v, rho)
+    notes = [n for n in spec.notes if "multi-query" in n]
+    assert len(notes) == 4 and all("features (they move" in n for n in notes)
+    permuted = _permuted_by_hand(model, seed=6)
+    assert not torch.equal(permuted.blocks[0].attn.k.weight, model.blocks[0].attn.k.weight)
+    ref = _out(model, x)
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
+    result = align(model, permuted, example_input=x)
+    assert result.function_relative_error <= 1e-5
+    aligned = dict(result.model.named_parameters())
+    for key, value in model.named_parameters():
+        assert torch.equal(aligned[key], value), key
+    data = torch.randn(64, 40, dtype=torch.float64)
+    by_acts = align(model, permuted, method="activations", data=data)
+    assert by_acts.function_relative_error <= 1e-5 and not by_acts.unmatched

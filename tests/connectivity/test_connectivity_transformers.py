@@ -262,23 +262,42 @@ def test_grouped_query_attention_permutes_groups_query_heads_and_features(form):
 
 
 @pytest.mark.parametrize("form", ["sdpa", "repeat_kv"])
-def test_multi_query_attention_moves_the_query_heads_and_keeps_their_features(form):
-    """One key/value head (multi-query): its features sit on k.weight by themselves, so the
-    features stay in place; the query heads (with their output-projection blocks) move."""
+def test_multi_query_attention_moves_the_query_heads_and_their_shared_features(form):
+    """One key/value head (multi-query attention), by SDPA's enable_gqa or by an expand:
+    ground truth from the symmetry itself (the query heads ρ, one q/k feature order τ shared
+    by K's outputs and every query head's block, one value order υ shared by V's outputs and
+    every output-projection block, the residual) keeps the function in float64 and is undone
+    exactly by weight matching; activation matching keeps the function too."""
     torch.manual_seed(0)
     model, x = GQA(form, groups=1, repeat=4, dim=3).double(), torch.randn(3, 5, 5).double()
     spec = permutation_spec(model, example_input=x)
-    entry = spec.structure[spec.axes["q.weight"][0]]
-    if entry[0] == "grouped":  # SDPA's enable_gqa: one group, its query heads move
-        assert entry[2] == 1 and entry[5] is None and entry[6] is not None
-    else:  # repeat_kv of one head: a plain expand, the query heads are plain heads
-        assert entry[0] == "heads" and entry[1] is not None and entry[4] is False
-    assert spec.axes["k.weight"][0] is None or spec.axes["k.weight"][0] not in spec.structure
-    permuted = _gqa_by_hand(model, seed=4, features=False)
+    q, out = spec.axes["q.weight"][0], spec.axes["out.weight"][1]
+    k, v = spec.axes["k.weight"][0], spec.axes["v.weight"][0]
+    group, rho = spec.structure[q][1], spec.structure[q][6]
+    assert group is not None and rho is not None
+    assert spec.structure[k] == ("heads", group, 1, 3, True)
+    assert spec.structure[v] == ("heads", group, 1, 3, True)
+    assert spec.structure[q] == ("grouped", group, 1, 4, 3, k, rho)
+    assert spec.structure[out] == ("grouped", group, 1, 4, 3, v, rho)
+    assert spec.axes["k.bias"] == (k,) and spec.query_groups == {rho: (1, 4)}
+    mqa = [n for n in spec.notes if "multi-query" in n]
+    assert len(mqa) == 2 and all("features (they move" in n and "left in place: nothing" in n
+                                 for n in mqa)
+    assert not any("by themselves" in n for n in spec.notes)
+    assert coerce_spec(spec, model).structure == spec.structure
+    permuted = _gqa_by_hand(model, seed=4)
+    assert not torch.equal(permuted.k.weight, model.k.weight)
+    ref = _out(model, x)
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
     result = align(model, permuted, example_input=x)
     assert result.function_relative_error <= 1e-12
     for key, value in model.named_parameters():
         assert torch.equal(dict(result.model.named_parameters())[key], value), key
+    data = torch.randn(64, 5, 5, dtype=torch.float64)
+    by_acts = align(model, permuted, method="activations", data=data)
+    assert by_acts.function_relative_error <= 1e-5 and not by_acts.unmatched
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(by_acts.model.named_parameters())[key], value), key
 
 
 def test_activation_matching_recovers_a_grouped_query_permutation():

@@ -501,6 +501,9 @@ class _Tracer:
         self.outer_of: dict[int, tuple[int, int, int, tuple[int, int]]] = {}
         #: split axis → (outer, inner, sizes, {block index: segment variable})
         self.selected: dict[int, tuple[int, int, tuple[int, int], dict[int, int]]] = {}
+        #: head dimensions permuted by one order shared by every head (multi-query
+        #: attention: the key/value head's features, read by every query head)
+        self.shared: set[int] = set()
 
     # -- helpers
     def fresh(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -634,7 +637,11 @@ class _Tracer:
                     continue
                 outer, inner = found
                 grouped = self._grouped(outer)
+                if inner in self.shared:
+                    continue
                 for part, label in ((outer, "head"), (inner, "within-head")):
+                    if label == "within-head" and part in exposed and self._share(outer, part):
+                        continue  # on a parameter by itself: one order for every head
                     if part != fixed and (part in exposed or (
                             part in uf.struct and not (label == "head" and grouped))):
                         uf.fix(part)
@@ -644,6 +651,8 @@ class _Tracer:
                                           "again): it is left unpermuted; pass spec= by hand "
                                           "to permute it")
                 outer, inner = uf.find(outer), uf.find(inner)
+                if inner in self.shared:
+                    continue
                 # the features within a head move head by head; the query heads of grouped-
                 # query attention (G groups × r heads) move theirs group by group, as the
                 # key/value head of their group (one more "prod" (G, these features) class)
@@ -653,6 +662,8 @@ class _Tracer:
                         uf.find(r) == r and e[0] == "prod"
                         and [uf.find(v) for v in e[1]] == [cond, inner]
                         for r, e in uf.struct.items()):
+                    if self._share(outer, inner):
+                        continue
                     uf.fix(inner)
                     changed = True
                     self.notes.append(f"the query heads of a split of {_sizes} features read "
@@ -660,11 +671,53 @@ class _Tracer:
                                       "axis: the features within the heads are left in place")
                 if inner != fixed and (cond == fixed or any(
                         inner in roots and cond not in roots for roots in values)):
+                    if self._share(outer, inner):
+                        continue
                     uf.fix(inner)  # the dims cannot move head by head: left unpermuted
                     changed = True
                 if outer == fixed and uf.find(inner) == fixed:
                     uf.fix(root)
                     changed = True
+            changed = self._settle_shared() or changed
+
+    def _share(self, outer: int, inner: int) -> bool:
+        """Mark the head dimension ``inner`` of the heads ``outer`` as permuted by one order
+        shared by every head (it cannot move head by head: it sits on a parameter by itself
+        or on a value without the head axis, as the features of the one key/value head of
+        multi-query attention do); False when it cannot be (it is split further, the heads
+        are fixed, or they are G > 1 groups of query heads)."""
+        uf = self.uf
+        outer, inner = uf.find(outer), uf.find(inner)
+        if inner == uf.FIXED or outer == uf.FIXED or inner in uf.struct:
+            return False
+        grouped = self._grouped(outer)
+        if grouped is not None and int(uf.struct[outer][2][0]) != 1:
+            return False
+        self.shared.add(inner)
+        return True
+
+    def _settle_shared(self) -> bool:
+        """Every head axis with a shared head dimension has only shared (or fixed) ones:
+        its heads are then one group whose features all move with one order each."""
+        uf, fixed, changed = self.uf, self.uf.FIXED, False
+        while True:
+            self.shared = {uf.find(v) for v in self.shared if uf.find(v) != fixed}
+            prods = [tuple(uf.find(v) for v in e[1]) for r, e in uf.struct.items()
+                     if uf.find(r) == r and r != fixed and e[0] == "prod"]
+            outers = {o for o, i in prods if i in self.shared}
+            todo = [(o, i) for o, i in prods if i != fixed and i not in self.shared
+                    and (o in outers or (i in self.shared))]
+            bad = [i for o, i in prods if i in self.shared and o != fixed
+                   and self._grouped(o) is not None and int(uf.struct[o][2][0]) != 1]
+            if not todo and not bad:
+                return changed
+            for i in bad:
+                self.shared.discard(i)
+                uf.fix(i)
+            for o, i in todo:
+                if not self._share(o, i):
+                    uf.fix(i)
+            changed = True
 
     def _grouped(self, outer: int) -> tuple[int, int] | None:
         """(G, r) roots when the head axis ``outer`` is itself G groups × r heads with
@@ -1292,6 +1345,7 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
     structure: dict[str, tuple] = {}
     heads: dict[int, str] = {}
     query_heads: dict[int, str] = {}
+    single: dict[int, str] = {}  # multi-query attention: its one key/value group
     todo = [r for r in labels if r in uf.struct]
     while todo:
         root = todo.pop(0)
@@ -1315,6 +1369,29 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
         else:
             outer, inner = found
             grouped = tracer._grouped(outer)
+            shared = {uf.find(v) for v in tracer.shared}
+            if outer != uf.FIXED and (inner in shared or any(
+                    e[0] == "prod" and uf.find(r) == r and uf.find(e[1][0]) == outer
+                    and uf.find(e[1][1]) in shared for r, e in uf.struct.items())):
+                # multi-query attention: the H query heads read one key/value head, whose d
+                # features (one order, shared by every query head) sit on K/V by themselves
+                r_root = grouped[1] if grouped is not None else outer
+                if outer not in single:
+                    single[outer] = fresh_label("H_" + label.removeprefix("P_"))
+                group = single[outer]
+                rho = None
+                if r_root != uf.FIXED:
+                    if r_root not in query_heads:
+                        query_heads[r_root] = fresh_label("Q_" + label.removeprefix("P_"))
+                    rho = query_heads[r_root]
+                base = None
+                if inner in shared:
+                    if inner not in labels:  # carried by no parameter by itself
+                        labels[inner] = fresh_label(f"{label}.kv")
+                    base = labels[inner]
+                    structure[base] = ("heads", group, 1, int(sizes[1]), True)
+                structure[label] = ("grouped", group, 1, int(sizes[0]), int(sizes[1]), base, rho)
+                continue
             if grouped is not None:  # query heads of grouped-query attention
                 g_root, r_root = grouped
                 g_size = int(uf.struct[outer][2][0])
@@ -1431,6 +1508,21 @@ def traced(model: nn.Module, inputs: torch.Tensor) -> Traced:
         elif entry[0] == "heads" and entry[1] is None:
             tracer.notes.append(f"'{label}': the {entry[2]} heads stay in place (only the "
                                 "features within each head are permuted)")
+        elif entry[0] == "grouped" and entry[2] == 1:
+            _, group, g, r, d, base, rho = entry
+            within = base is not None and structure[base][4]
+            tracer.notes.append(
+                f"'{label}': multi-query attention, one key/value head read by {r} query heads "
+                f"of {d} features; permuted: "
+                + ", ".join([part for part, keep in (
+                    ("the query heads", rho is not None),
+                    (f"the features (they move with one order, shared by every query head and "
+                     f"the key/value head in '{base}')", within)) if keep] or ["none"])
+                + "; left in place: "
+                + ", ".join([part for part, moved in (
+                    ("the query heads", rho is not None),
+                    ("the features (an operation pairs or mixes them, e.g. rotary position "
+                     "embeddings)", within)) if not moved] or ["nothing"]))
         elif entry[0] == "grouped":
             _, group, g, r, d, base, rho = entry
             within = base is not None and structure[base][4]
@@ -1448,7 +1540,7 @@ def traced(model: nn.Module, inputs: torch.Tensor) -> Traced:
                     ("the groups", group is not None),
                     ("the query heads within each group", rho is not None),
                     ("the features within each head (an operation pairs or mixes them, e.g. "
-                     "rotary position embeddings, or they sit on a parameter by themselves)",
+                     "rotary position embeddings, or they are not split from one axis)",
                      within)) if not moved] or ["nothing"]))
     if not perms:
         tracer.notes.append("no hidden units can be permuted in this model")
