@@ -401,7 +401,8 @@ def test_weight_matching_started_at_the_answer_stays_there_with_heads():
     assert all(torch.equal(first[p], again[p]) for p in spec.perms)
 
 
-@pytest.mark.parametrize("kv_heads,attn", [(4, "sdpa"), (2, "sdpa"), (2, "eager")])
+@pytest.mark.parametrize("kv_heads,attn", [(4, "sdpa"), (2, "sdpa"), (2, "eager"),
+                                           (1, "sdpa"), (1, "eager")])
 def test_llama_rmsnorm_rotary_and_grouped_query_attention(kv_heads, attn):
     """Rotary embeddings keep the query/key features in place (heads still move); grouped-
     query attention (sdpa: enable_gqa; eager: repeat_kv) moves the key/value groups with
@@ -424,6 +425,13 @@ def test_llama_rmsnorm_rotary_and_grouped_query_attention(kv_heads, attn):
     if kv_heads == 4:
         assert q == k and spec.structure[qk := q][1] is not None
         assert spec.structure[qk][4] is False and spec.structure[v][4] is True
+    elif kv_heads == 1:  # multi-query: rotary keeps q/k features; the value features move
+        group, rho = spec.structure[q][1], spec.structure[q][6]
+        assert k is None and group is not None and rho is not None
+        assert spec.structure[v] == ("heads", group, 1, 4, True)
+        assert spec.structure[q] == ("grouped", group, 1, 4, 4, None, rho)
+        assert spec.structure[o] == ("grouped", group, 1, 4, 4, v, rho)
+        assert any("multi-query" in note and "rotary" in note for note in spec.notes)
     else:
         group = spec.structure[k][1]
         assert spec.structure[k] == ("heads", group, 2, 4, False)  # rotary: features stay
