@@ -25,6 +25,11 @@ and the output projection, which share it); then within each matched group the q
 order ρ and the feature orders τ (one shared by the key head and all Q blocks of the group,
 one by the value head and all output-projection blocks) are solved alternately, each an
 exact assignment given the others, until they stop changing.
+
+Multi-query attention (one key/value head, G = 1) is the same with one group: its head
+step is trivial, and ρ (the order of all r query heads) and τ, υ (the one q/k feature order
+of K's outputs and every Q block, the one value order of V's outputs and every output-
+projection block) are solved alternately in the same way.
 """
 
 from __future__ import annotations

@@ -73,6 +73,10 @@ class PermutationSpec:
           features of every query head of group g follow the within-head permutation of
           head g of the "heads" permutation ``base`` (the key heads for Q, the value heads
           for the output projection; ``None`` or a base without ``within``: in place).
+          With G = 1 (multi-query attention: one key/value head read by all r query
+          heads) ``base`` is ``("heads", group, 1, d, True)`` on the K (V) projection's d
+          outputs: one feature order, shared by K's (V's) outputs and every query head's
+          block, and ``rho`` orders the r query heads.
         * ``("cat", parts, sizes)``: an axis made of consecutive segments (a fused QKV
           projection); segment j has ``sizes[j]`` units under permutation ``parts[j]``
           (``None``: unpermuted). A permutation may be a segment of several axes.
@@ -580,7 +584,11 @@ class _Tracer:
         appears on no parameter by itself, and its within-head permutation (one per head)
         only when the head dimension appears on no parameter by itself and every value
         carrying it also carries the head axis (so each head's dimensions may move on
-        their own); otherwise that part is fixed. Fixed parts never break the function."""
+        their own); otherwise that part is fixed. Where the head dimension cannot move head
+        by head only because it sits on a parameter or a value without the head axis (the
+        one key/value head of multi-query attention, whether SDPA's ``enable_gqa`` or an
+        expand repeats it) it moves with one order shared by every head (``self.shared``).
+        Fixed parts never break the function."""
         uf, fixed = self.uf, self.uf.FIXED
         params = [n for n in self.gm.graph.nodes if n.op == "placeholder"][:len(self.names)]
         # a (k·E) axis reshaped to (k, E) whose k blocks are each selected (MHA's packed
