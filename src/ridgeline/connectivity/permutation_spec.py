@@ -645,10 +645,9 @@ class _Tracer:
                     continue
                 outer, inner = found
                 grouped = self._grouped(outer)
-                if inner in self.shared:
-                    continue
                 for part, label in ((outer, "head"), (inner, "within-head")):
-                    if label == "within-head" and part in exposed and self._share(outer, part):
+                    if label == "within-head" and (part in self.shared or (
+                            part in exposed and self._share(outer, part))):
                         continue  # on a parameter by itself: one order for every head
                     if part != fixed and (part in exposed or (
                             part in uf.struct and not (label == "head" and grouped))):
@@ -714,9 +713,9 @@ class _Tracer:
                      if uf.find(r) == r and r != fixed and e[0] == "prod"]
             outers = {o for o, i in prods if i in self.shared}
             todo = [(o, i) for o, i in prods if i != fixed and i not in self.shared
-                    and (o in outers or (i in self.shared))]
-            bad = [i for o, i in prods if i in self.shared and o != fixed
-                   and self._grouped(o) is not None and int(uf.struct[o][2][0]) != 1]
+                    and o in outers]
+            bad = [i for o, i in prods if i in self.shared and (o == fixed or (
+                self._grouped(o) is not None and int(uf.struct[o][2][0]) != 1))]
             if not todo and not bad:
                 return changed
             for i in bad:
