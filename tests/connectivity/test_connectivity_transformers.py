@@ -300,6 +300,44 @@ def test_multi_query_attention_moves_the_query_heads_and_their_shared_features(f
         assert torch.equal(dict(by_acts.model.named_parameters())[key], value), key
 
 
+class GainedMQA(GQA):
+    """Multi-query attention whose query heads carry a learned gain each (an (H, 1, 1)
+    parameter on the head axis by itself: the heads cannot move)."""
+
+    def __init__(self) -> None:
+        super().__init__("sdpa", groups=1, repeat=4, dim=3)
+        self.gain = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        z = self.embed(x)
+        q = self.q(z).reshape(n, t, 4, 3).transpose(1, 2) * self.gain
+        k = self.k(z).reshape(n, t, 1, 3).transpose(1, 2)
+        v = self.v(z).reshape(n, t, 1, 3).transpose(1, 2)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.head((z + self.out(a.transpose(1, 2).reshape(n, t, 12))).mean(1))
+
+
+def test_multi_query_heads_that_cannot_move_keep_their_shared_features_in_place():
+    """Ground truth: with the query heads pinned by a per-head parameter, a shared feature
+    order would need the heads' own structure: the tracer leaves the attention features in
+    place, and a random permutation of the spec still computes A's function (float64) and
+    is undone exactly by weight matching."""
+    torch.manual_seed(0)
+    model, x = GainedMQA().double(), torch.randn(3, 5, 5, dtype=torch.float64)
+    spec = permutation_spec(model, example_input=x)
+    assert spec.axes["gain"] == (None, None, None)
+    for name in ("q.weight", "k.weight", "v.weight"):
+        assert spec.axes[name][0] is None, name
+    assert spec.axes["out.weight"][1] is None and spec.axes["embed.weight"][0] is not None
+    permuted = permute_model(model, spec, _random_permutation(spec, seed=1))
+    ref = _out(model, x)
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
+    result = align(model, permuted, example_input=x)
+    for key, value in model.named_parameters():
+        assert torch.equal(dict(result.model.named_parameters())[key], value), key
+
+
 def test_activation_matching_recovers_a_grouped_query_permutation():
     torch.manual_seed(1)
     model = GQA("sdpa").double()
