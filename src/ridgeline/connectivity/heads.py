@@ -88,6 +88,16 @@ class StructuredState:
     def flat(self) -> dict[str, torch.Tensor]:
         return expand_permutations(self.spec, self.free, self.sigma, self.tau, self.rho)
 
+    def apply(self, kind: str, key: str, solved: Mapping[str, Any]) -> None:
+        """Take one assignment unit's solution (see :meth:`units`)."""
+        if kind == "free":
+            self.free[key] = solved["free"]
+            return
+        if key in self.sigma:
+            self.sigma[key] = solved["sigma"]
+        self.tau.update(solved["tau"])
+        self.rho.update(solved["rho"])
+
     def units(self) -> list[tuple[str, str, list[str]]]:
         """(kind, key, the permutations whose cost it needs): one per assignment step."""
         units = [("free", p, [p]) for p in self.free]
@@ -288,13 +298,7 @@ def structured_weight_matching(params_a: Mapping[str, torch.Tensor],
             old = sum(_value(flat[m], costs[m]) for m in members if m in costs)
             solved = solve_unit(spec, kind, key, members, costs)
             saved = (dict(state.free), dict(state.sigma), dict(state.tau), dict(state.rho))
-            if kind == "free":
-                state.free[key] = solved["free"]
-            else:
-                if key in state.sigma:
-                    state.sigma[key] = solved["sigma"]
-                state.tau.update(solved["tau"])
-                state.rho.update(solved["rho"])
+            state.apply(kind, key, solved)
             new_flat = state.flat()
             new = sum(_value(new_flat[m], costs[m]) for m in members if m in costs)
             if new > old + 1e-12 * max(1.0, abs(old)):
@@ -402,14 +406,7 @@ def solve_costs(spec: PermutationSpec, costs: Mapping[str, torch.Tensor]
     for kind, key, members in state.units():
         if not all(m in costs for m in members):
             continue
-        solved = solve_unit(spec, kind, key, members, costs)
-        if kind == "free":
-            state.free[key] = solved["free"]
-        else:
-            if key in state.sigma:
-                state.sigma[key] = solved["sigma"]
-            state.tau.update(solved["tau"])
-            state.rho.update(solved["rho"])
+        state.apply(kind, key, solve_unit(spec, kind, key, members, costs))
     return state.flat()
 
 
