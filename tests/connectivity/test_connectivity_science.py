@@ -83,12 +83,10 @@ def test_weight_matching_removes_most_of_the_barrier_between_wide_mnist1d_mlps()
     assert Objective(model_a, train).loss_and_accuracy()[1] > 0.6
 
 
-@pytest.mark.slow
-def test_activation_matching_halves_the_barrier_between_mnist1d_transformers():
-    """Two ridgeline transformers (width 64, 4 heads, 2 blocks) from different seeds:
-    activation matching with head permutations lowers the test loss barrier by ≥ 50 %
-    (docs/connectivity.md, "Transformers": −75 % and −58 % on two pairs); both aligned
-    models compute B's function."""
+@pytest.fixture(scope="module")
+def transformer_pair():
+    """Two ridgeline transformers (width 64, 4 heads, 2 blocks) trained on MNIST-1D from
+    seeds 1 and 2 (trained once, for the slow transformer checks below)."""
     from ridgeline.models import transformer
 
     train, test = mnist1d("train"), mnist1d("test")
@@ -99,6 +97,16 @@ def test_activation_matching_halves_the_barrier_between_mnist1d_transformers():
         ridgeline.train(model, train, optimizer="adam", lr=3e-3, epochs=20, batch_size=128,
                         seed=seed, progress=False)
         pair.append(model.eval())
+    return train, test, pair
+
+
+@pytest.mark.slow
+def test_activation_matching_halves_the_barrier_between_mnist1d_transformers(transformer_pair):
+    """Two ridgeline transformers (width 64, 4 heads, 2 blocks) from different seeds:
+    activation matching with head permutations lowers the test loss barrier by ≥ 50 %
+    (docs/connectivity.md, "Transformers": −75 % and −58 % on two pairs); both aligned
+    models compute B's function."""
+    train, test, pair = transformer_pair
     naive = interpolate(*pair, test, points=11)
     weights = align(*pair, example_input=test.inputs[:64])
     activations = align(*pair, method="activations", data=train)
@@ -110,20 +118,12 @@ def test_activation_matching_halves_the_barrier_between_mnist1d_transformers():
 
 
 @pytest.mark.slow
-def test_weight_matching_restarts_climb_higher_and_lower_the_transformer_barrier():
+def test_weight_matching_restarts_climb_higher_and_lower_the_transformer_barrier(
+        transformer_pair):
     """The same pair: weight matching's default restarts (iterated local search on its own
     objective) end with a higher Σ⟨θ_A, π(θ_B)⟩ than one run and a lower test loss barrier,
     ≥ 40 % below the naive one (docs/connectivity.md: 1.39 → 0.75, naive 2.36)."""
-    from ridgeline.models import transformer
-
-    train, test = mnist1d("train"), mnist1d("test")
-    pair = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = transformer(40, 10, width=64, depth=2, heads=4)
-        ridgeline.train(model, train, optimizer="adam", lr=3e-3, epochs=20, batch_size=128,
-                        seed=seed, progress=False)
-        pair.append(model.eval())
+    train, test, pair = transformer_pair
     naive = interpolate(*pair, test, points=11)
     single = align(*pair, example_input=test.inputs[:64], restarts=1)
     restarted = align(*pair, example_input=test.inputs[:64])

@@ -1342,6 +1342,12 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
         used.add(label)
         return label
 
+    def label_of(table: dict[int, str], root: int, prefix: str, label: str) -> str:
+        """The label of a head or query-head root (one per root, shared by its users)."""
+        if root not in table:
+            table[root] = fresh_label(prefix + label.removeprefix("P_"))
+        return table[root]
+
     for root, items in members.items():
         sizes = {int(state[n].shape[a]) for n, a in items}
         if (len(items) < 2 and root not in uf.struct) or sizes == {1}:
@@ -1383,14 +1389,10 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
                 # multi-query attention: the H query heads read one key/value head, whose d
                 # features (one order, shared by every query head) sit on K/V by themselves
                 r_root = grouped[1] if grouped is not None else outer
-                if outer not in single:
-                    single[outer] = fresh_label("H_" + label.removeprefix("P_"))
-                group = single[outer]
+                group = label_of(single, outer, "H_", label)
                 rho = None
                 if r_root != uf.FIXED:
-                    if r_root not in query_heads:
-                        query_heads[r_root] = fresh_label("Q_" + label.removeprefix("P_"))
-                    rho = query_heads[r_root]
+                    rho = label_of(query_heads, r_root, "Q_", label)
                 base = None
                 if inner in shared:
                     if inner not in labels:  # carried by no parameter by itself
@@ -1404,14 +1406,10 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
                 g_size = int(uf.struct[outer][2][0])
                 group = None
                 if g_root != uf.FIXED:
-                    if g_root not in heads:
-                        heads[g_root] = fresh_label("H_" + label.removeprefix("P_"))
-                    group = heads[g_root]
+                    group = label_of(heads, g_root, "H_", label)
                 rho = None
                 if r_root != uf.FIXED:
-                    if r_root not in query_heads:
-                        query_heads[r_root] = fresh_label("Q_" + label.removeprefix("P_"))
-                    rho = query_heads[r_root]
+                    rho = label_of(query_heads, r_root, "Q_", label)
                 base = None
                 if g_root != uf.FIXED:
                     base_root = next((r for r, e in uf.struct.items()
@@ -1427,9 +1425,7 @@ def _group_names(tracer: _Tracer, state: dict[str, torch.Tensor], names: list[st
                 continue
             group = None
             if outer != uf.FIXED:
-                if outer not in heads:
-                    heads[outer] = fresh_label("H_" + label.removeprefix("P_"))
-                group = heads[outer]
+                group = label_of(heads, outer, "H_", label)
             structure[label] = ("heads", group, int(sizes[0]), int(sizes[1]),
                                 inner != uf.FIXED)
     return labels, roots, structure
