@@ -182,3 +182,24 @@ def test_a_second_driver_on_a_locked_folder_is_refused(tmp_path):
         with pytest.raises(RunInUseError, match="in use"):
             run_sweep(config, tmp_path, engine="inprocess", progress=False)
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_fingerprints_follow_the_library_defaults_a_measurement_leaves_open(monkeypatch):
+    """A measurement whose record depends on a library default (``Options.resume_key``) is
+    redone when that default changes, as in a study; without one the fingerprint is as
+    before."""
+    from ridgeline.study.registry import get_measurement
+
+    def fingerprints():
+        return {t.id: t.fingerprint for t in expand_sweep(config_from_dict(sweep_config()))}
+
+    plain = fingerprints()
+    options = get_measurement("curvature").options
+    monkeypatch.setattr(options, "resume_key", lambda self: {}, raising=False)
+    assert fingerprints() == plain
+    monkeypatch.setattr(options, "resume_key", lambda self: {"a default": 1}, raising=False)
+    first = fingerprints()
+    monkeypatch.setattr(options, "resume_key", lambda self: {"a default": 2}, raising=False)
+    second = fingerprints()
+    assert first.keys() == second.keys() == plain.keys()
+    assert all(first[i] != plain[i] and second[i] != first[i] for i in plain)

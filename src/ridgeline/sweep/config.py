@@ -191,8 +191,9 @@ def _digest(value: Any, n: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def _bind(entry: MeasurementConfig, model: str, index: int) -> tuple[str, dict]:
-    """The measurement's options for one model of the sweep, and its record id."""
+def _bind(entry: MeasurementConfig, model: str, index: int) -> tuple[str, dict, dict]:
+    """The measurement's record id for one model of the sweep, its options, and the library
+    defaults those options leave open (``Options.resume_key``)."""
     kind = get_measurement(entry.kind)
     label = entry.id or entry.kind
     if entry.kind in RESERVED_KINDS:
@@ -214,7 +215,7 @@ def _bind(entry: MeasurementConfig, model: str, index: int) -> tuple[str, dict]:
     elif "model" in fields:
         options["model"] = model
     parsed = kind.parse_options(options, f"sweep measurement {label!r}")
-    return f"{label}:{model}", parsed.model_dump(mode="json")
+    return f"{label}:{model}", parsed.model_dump(mode="json"), parsed.resume_key()
 
 
 def expand_sweep(config: StudyConfig, spec: SweepSpec | None = None) -> list[SweepTask]:
@@ -274,15 +275,21 @@ def expand_sweep(config: StudyConfig, spec: SweepSpec | None = None) -> list[Swe
                 except ConfigError as exc:
                     raise ConfigError(f"{where}: {exc}") from exc
                 plan = [PlannedRecord(f"train:{ident}", "train", {"model": ident})]
+                defaults = {}
                 for index, entry in enumerate(spec.measurements, 1):
-                    rid, options = _bind(entry, ident, index)
+                    rid, options, left_open = _bind(entry, ident, index)
                     plan.append(PlannedRecord(rid, entry.kind, options))
+                    if left_open:
+                        defaults[rid] = left_open
                 if len({p.id for p in plan}) != len(plan):
                     raise ConfigError(f"sweep measurements need distinct ids; got "
                                       f"{[p.id for p in plan[1:]]} (set `id` on repeated kinds).")
                 dumped = study.model_dump(mode="json")
-                fingerprint = _digest({"study": dumped, "plan": [p.__dict__ for p in plan],
-                                       "threads": spec.threads})
+                basis = {"study": dumped, "plan": [p.__dict__ for p in plan],
+                         "threads": spec.threads}
+                if defaults:  # only then: fingerprints of tasks without open defaults stay
+                    basis["defaults"] = defaults
+                fingerprint = _digest(basis)
                 ids = (*(p.id for p in plan), f"model:{ident}")
                 tasks.append(SweepTask(ident, name, settings, dumped, tuple(plan), fingerprint,
                                        spec.threads, spec.checkpoints, ids))
