@@ -65,3 +65,25 @@ def test_lerp_and_structure_check():
         assert torch.allclose(mid[key], 0.75 * a[key] + 0.25 * b[key])
     with pytest.raises(ArchitectureMismatchError, match=r"'1.weight' has shape \(4, 3\)"):
         check_same_structure(a, named_parameters(mlp(3, [4], 2)))
+
+
+def test_functional_call_keeps_repeated_modules_and_ties_intact():
+    """A layer applied twice and a weight tied across two layers both take the values
+    given, and the model keeps its parameters afterwards (pytorch/pytorch#164759)."""
+    from torch import nn
+
+    from ridgeline.params import functional_call
+
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 4))
+    model[3].weight = shared.weight  # tied across modules as well
+    before = {n: p for n, p in model.named_parameters()}
+    values = {n: torch.randn_like(p) for n, p in before.items()}
+    x = torch.randn(3, 4)
+    w, b, b3 = values["0.weight"], values["0.bias"], values["3.bias"]
+    expected = torch.tanh(x @ w.T + b) @ w.T + b
+    expected = expected @ w.T + b3
+    torch.testing.assert_close(functional_call(model, values, (x,)), expected)
+    assert {n: p for n, p in model.named_parameters()} == before
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())

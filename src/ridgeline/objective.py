@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 from torch.utils._pytree import tree_map
 
 from ridgeline import distributed
@@ -35,7 +35,7 @@ from ridgeline.outputs import (
     remember_attention,
     uses_attention,
 )
-from ridgeline.params import Params, named_buffers, named_parameters, unflatten
+from ridgeline.params import Params, functional_call, named_buffers, named_parameters, unflatten
 
 __all__ = ["Objective", "as_objective", "Batch", "DEFAULT_BATCH_SIZE"]
 

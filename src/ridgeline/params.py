@@ -7,6 +7,7 @@ currency of every ridgeline instrument, as in ``torch.func``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ from ridgeline.errors import (
 
 Params = dict[str, torch.Tensor]
 
-__all__ = ["Params", "named_parameters", "named_buffers", "flatten", "unflatten", "num_params",
+__all__ = ["Params", "named_parameters", "named_buffers", "functional_call", "flatten",
+           "unflatten", "num_params",
            "dot", "norm", "add", "scale", "sub", "lerp", "zeros_like", "check_same_structure",
            "random_direction", "make_generator", "is_bias_or_norm"]
 
@@ -33,6 +35,48 @@ def named_parameters(model: nn.Module, *, trainable_only: bool = True) -> Params
 
 def named_buffers(model: nn.Module) -> Params:
     return {name: b.detach() for name, b in model.named_buffers()}
+
+
+def functional_call(module: nn.Module,
+                    tensors: Mapping[str, torch.Tensor] | tuple[Mapping[str, torch.Tensor], ...],
+                    args: Any = (), kwargs: dict[str, Any] | None = None, *,
+                    strict: bool = False) -> Any:
+    """``torch.func.functional_call`` that leaves a module reachable by several paths intact.
+
+    When one submodule sits at several places of the model (a layer applied twice in an
+    ``nn.Sequential``), torch's call with ``tie_weights=True`` swaps its tensors once per
+    path and restores the wrong ones (pytorch/pytorch#164759): afterwards the model holds
+    the call's plain tensors, which are no longer parameters and do not require grad. Such
+    models are called here with every tensor slot (module, attribute) named once and
+    ``tie_weights=False``; tensors tied across different modules still receive the value
+    given for any one of their names. Other models go straight to torch.
+    """
+    from torch.func import functional_call as torch_functional_call
+
+    merged: dict[str, torch.Tensor] = {}
+    for part in (tensors,) if isinstance(tensors, Mapping) else tensors:
+        merged.update(part)
+    paths = list(module.named_modules(remove_duplicate=False))
+    if len(paths) == len({id(m) for _, m in paths}):
+        return torch_functional_call(module, merged, args, kwargs, strict=strict)
+    groups: dict[int, list[tuple[str, int, str]]] = {}  # tensor → (name, slot owner, attribute)
+    for prefix, owner in paths:
+        for attribute, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
+            if tensor is not None:
+                name = f"{prefix}.{attribute}" if prefix else attribute
+                groups.setdefault(id(tensor), []).append((name, id(owner), attribute))
+    expanded = dict(merged)
+    for names in groups.values():
+        given = next((merged[n] for n, _, _ in names if n in merged), None)
+        slots = set()
+        for name, owner, attribute in names:
+            if (owner, attribute) in slots:
+                expanded.pop(name, None)  # one name per slot, or torch restores it twice
+                continue
+            slots.add((owner, attribute))
+            if given is not None:
+                expanded[name] = merged.get(name, given)
+    return torch_functional_call(module, expanded, args, kwargs, tie_weights=False, strict=strict)
 
 
 def flatten(params: Mapping[str, torch.Tensor]) -> torch.Tensor:

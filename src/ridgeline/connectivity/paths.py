@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ridgeline.errors import ConfigError, DataError, UnsupportedOperationError
 from ridgeline.losses import LossFn, accuracy
 from ridgeline.objective import Objective, as_objective
-from ridgeline.params import check_same_structure, named_buffers, named_parameters
+from ridgeline.params import check_same_structure, functional_call, named_buffers, named_parameters
 from ridgeline.progress import progress_bar
 
 __all__ = ["interpolate", "PathResult", "barrier", "reset_bn", "PathEngine", "alpha_grid",

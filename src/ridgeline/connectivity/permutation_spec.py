@@ -1263,11 +1263,11 @@ def _symbolic_sizes(graph_module: Any) -> str | None:
 
 def trace(model: nn.Module, inputs: torch.Tensor) -> tuple[Any, _Tracer, list[str]]:
     """Record one forward pass as an ATen graph and propagate the axis variables."""
-    from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from ridgeline.objective import module_mode
     from ridgeline.outputs import as_logits
+    from ridgeline.params import functional_call
 
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value
+from torch.func import grad_and_value
 
 from ridgeline.errors import ConfigError, DataError, UnsupportedOperationError
 from ridgeline.gradients.guesses import Guess, GuessBatch
 from ridgeline.losses import LossFn, resolve_loss
 from ridgeline.objective import Objective, module_mode
 from ridgeline.outputs import as_logits
-from ridgeline.params import Params
+from ridgeline.params import Params, functional_call
 
 __all__ = ["LocalGuess", "sequential_atoms", "count_macs", "SpatialMean"]
 

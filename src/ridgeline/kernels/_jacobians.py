@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import jacrev, jvp, vmap
 
 from ridgeline.errors import ConfigError, ShapeMismatchError, UnsupportedOperationError
 from ridgeline.models.layers import NTKLinear
 from ridgeline.outputs import AttentionRecorder, as_logits, differentiable_attention
+from ridgeline.params import functional_call
 
 __all__ = ["Factor", "ModelFacts", "Features", "JacobianEngine", "VectorProductEngine",
            "check_model", "probe_model"]

@@ -8,10 +8,9 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ridgeline.errors import ConfigError, UnsupportedOperationError
-from ridgeline.params import Params
+from ridgeline.params import Params, functional_call
 from ridgeline.subspace.projections import Projection, make_projection
 
 __all__ = ["SubspaceModel"]
