@@ -181,8 +181,11 @@ def count_flops(rows: list[Row]) -> None:
     """Matrix-multiply FLOPs of each row's chosen setting (one more run under
     ``torch.utils.flop_counter``): where both tools run GEMMs at the same speed, the
     peer/ridgeline time ratio can reach about the FLOP ratio and not much more."""
+    from torch.utils import flop_counter
     from torch.utils.flop_counter import FlopCounterMode
 
+    registry, aten = flop_counter.flop_registry, torch.ops.aten
+    registry.setdefault(aten.addmm_, registry[aten.addmm])  # in-place GEMMs count too
     for row in rows:
         if getattr(row, "rerun", None) is None:
             continue

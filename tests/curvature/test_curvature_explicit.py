@@ -238,16 +238,25 @@ def test_relu_hessian_products_match_explicit_hessian(inplace):
         torch.testing.assert_close(cached.matvec(v[:, j]), h @ v[:, j], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(fresh.matvec(v[:, j]), h @ v[:, j], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(cached.matmat(v), h @ v, rtol=1e-10, atol=1e-12)
-    # the gradient read off the recorded graph is still ∇L
+    # the recorded graph (the path of models that are not plain chains) agrees too
+    from ridgeline.curvature.operators import _RecordedGradient
+
+    recorded = _RecordedGradient(cached.objective, cached._fixed, cached._params, x, y)
+    product = recorded(cached.unflatten(v[:, 0]))
+    torch.testing.assert_close(torch.cat([product[n].reshape(-1) for n in cached.param_names]),
+                               h @ v[:, 0], rtol=1e-10, atol=1e-12)
+    # the gradient read off the recording is still ∇L
     theta, outputs = _flat(model)
     g = torch.func.grad(lambda t: F.cross_entropy(outputs(t, x), y))(theta)
     torch.testing.assert_close(cached.gradient(), g, rtol=1e-12, atol=1e-14)
 
 
 def test_recorded_relu_gradient_has_no_zero_branch():
+    from ridgeline.curvature.operators import _RecordedGradient
+
     model, x, y = _relu_problem(False)
-    op = curvature.hessian(model, (x, y))
-    recorded = op._cache()[1]
+    op = curvature.hessian(model, (x, y))  # a plain chain: its products take R-operator sweeps
+    recorded = _RecordedGradient(op.objective, op._fixed, op._params, x, y)  # other models'
     names, stack, seen = set(), [g.grad_fn for _, g in recorded.outputs], set()
     while stack:
         node = stack.pop()

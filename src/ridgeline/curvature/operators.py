@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
+from ridgeline.curvature.feedforward import feedforward_hessian
 from ridgeline.errors import (
     ConfigError,
     MemoryBudgetError,
@@ -222,7 +223,10 @@ class _RecordedGradient:
 
 
 def _hessian_cached(objective: Objective, fixed: Params, params: Params, x, y):
-    return _RecordedGradient(objective, fixed, params, x, y)
+    """R-operator sweeps for feed-forward chains (:mod:`.feedforward`), else a reverse pass
+    through the recorded gradient graph."""
+    chain = feedforward_hessian(objective, fixed, params, x, y)
+    return chain if chain is not None else _RecordedGradient(objective, fixed, params, x, y)
 
 
 def _ggn_product(objective: Objective, fixed: Params) -> Product:
