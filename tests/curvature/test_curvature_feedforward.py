@@ -1,6 +1,6 @@
-"""R-operator Hessian products of feed-forward chains against the explicit Hessian of the
-loss (torch.autograd.functional.hessian of the flat parameter vector, float64), and the
-autograd fallback for everything the chain path does not cover."""
+"""R-operator Hessian and Gauss–Newton products of feed-forward chains against explicit
+matrices (torch.autograd.functional.hessian / jacobian of the flat parameter vector,
+float64), and the autograd fallback for everything the chain path does not cover."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.autograd.functional import hessian as explicit_hessian
 from torch.func import functional_call
 
 from ridgeline import curvature
-from ridgeline.curvature.feedforward import FeedForwardHessian
+from ridgeline.curvature.feedforward import FeedForwardCurvature
 from ridgeline.curvature.operators import _RecordedGradient
 from ridgeline.losses import cross_entropy, mse
 from ridgeline.models import mlp
@@ -43,6 +43,23 @@ def _explicit(model, x, y, loss, names=None):
     return explicit_hessian(objective, theta), torch.autograd.functional.jacobian(objective, theta)
 
 
+def _explicit_ggn(model, x, y, loss):
+    """Jᵀ (∇²_f L) J with J the Jacobian of the outputs in the flat parameters."""
+    params = dict(model.named_parameters())
+    shapes = [p.shape for p in params.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def outputs(flat):
+        values = dict(zip(params, torch.split(flat, [s.numel() for s in shapes])))
+        return functional_call(model, {n: v.view(s) for (n, v), s in zip(values.items(), shapes)},
+                               (x,))
+
+    f = outputs(theta).detach()
+    jac = torch.autograd.functional.jacobian(outputs, theta).reshape(f.numel(), -1)
+    out_hessian = explicit_hessian(lambda o: loss(o.view(f.shape), y), f.reshape(-1))
+    return jac.T @ out_hessian @ jac
+
+
 def _chain(activation, *, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(5, 6), activation, nn.Linear(6, 4),
@@ -57,7 +74,7 @@ def _check(model, x, y, loss, **kwargs):
     names = kwargs.pop("names", None)
     h, g = _explicit(model, x, y, cross_entropy if loss == "cross_entropy" else mse, names)
     op = curvature.hessian(model, (x, y), loss=loss, **kwargs)
-    assert isinstance(op._cache()[1], FeedForwardHessian)
+    assert isinstance(op._cache()[1], FeedForwardCurvature)
     torch.testing.assert_close(op.dense(), h, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op.gradient(), g, rtol=1e-10, atol=1e-12)
     v = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -184,3 +201,29 @@ def test_a_layer_applied_twice_falls_back_and_the_model_stays_intact():
                                atol=1e-12)
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in shared.parameters())
     assert [n for n, _ in model.named_parameters()] == names
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.Tanh(), nn.GELU()], ids=repr)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_chain_gauss_newton_products_match_the_explicit_ggn(activation, loss):
+    x, y = _data()
+    y[3] = -100 if loss == "cross_entropy" else y[3]
+    model = _chain(activation)
+    g = _explicit_ggn(model, x, y, cross_entropy if loss == "cross_entropy" else mse)
+    op = curvature.ggn(model, (x, y), loss=loss)
+    assert isinstance(op._cache()[1], FeedForwardCurvature)
+    torch.testing.assert_close(op.dense(), g, rtol=1e-10, atol=1e-12)
+    fresh = curvature.ggn(model, (x, y), loss=loss, cache=False)  # the autograd jvp/vjp path
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(4), dtype=F64)
+    torch.testing.assert_close(fresh.matvec(v), g @ v, rtol=1e-10, atol=1e-12)
+    subset = curvature.ggn(model, (x, y), loss=loss, param_filter="3")
+    idx = torch.cat([torch.arange(s, s + n) for s, n in _offsets(model, ["3.weight", "3.bias"])])
+    torch.testing.assert_close(subset.dense(), g[idx][:, idx], rtol=1e-10, atol=1e-12)
+
+
+def _offsets(model, names):
+    spans, offset = {}, 0
+    for name, p in model.named_parameters():
+        spans[name] = (offset, p.numel())
+        offset += p.numel()
+    return [spans[n] for n in names]

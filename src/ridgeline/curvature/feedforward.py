@@ -13,7 +13,10 @@ and, per product, one forward and one backward sweep of the tangents,
     R(e_{l−1}) = s_w (R(δ_l) W_l + δ_l V_l),
 
 with z_l = s_w a_{l−1} W_lᵀ + s_b b_l, a_l = σ_l(z_l), e_l = ∂L/∂a_l and δ_l = σ_l′ ⊙ e_l
-(Pearlmutter 1994, "Fast exact multiplication by the Hessian"). Every product is a
+(Pearlmutter 1994, "Fast exact multiplication by the Hessian"). The generalised
+Gauss–Newton product G v = Jᵀ ∇²ℓ J v is the same sweep without the terms of second
+order in the network (σ″ e_l R(z_l), δ_lᵀ R(a_{l−1}) and δ_l V_l; Schraudolph 2002),
+four of the six big GEMMs per layer instead of six. Every product is a
 handful of GEMMs accumulated in place into buffers kept between products (``addmm`` with
 ``out=``), with no autograd graph to walk and no temporaries to allocate and free — about
 20 % less time per product than a reverse pass through a recorded gradient graph on a
@@ -21,7 +24,7 @@ handful of GEMMs accumulated in place into buffers kept between products (``addm
 activation segment once, so any listed elementwise activation gives the same numbers as
 the autograd Hessian; piecewise-linear ones (ReLU, LeakyReLU, Hardtanh, ReLU6) have σ″ = 0.
 
-:func:`feedforward_hessian` returns None for anything else (other modules, hooks,
+:func:`feedforward_curvature` returns None for anything else (other modules, hooks,
 parametrisations, shared layers, Dropout in train mode, custom losses, token targets), and
 the caller falls back to autograd.
 """
@@ -38,7 +41,7 @@ from torch import nn
 from ridgeline import losses
 from ridgeline.params import Params
 
-__all__ = ["FeedForwardHessian", "feedforward_hessian"]
+__all__ = ["FeedForwardCurvature", "feedforward_curvature"]
 
 #: activations with σ″ = 0 wherever it exists (the autograd Hessian uses 0 at the kinks too)
 PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6)
@@ -143,17 +146,18 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor],
     return flatten_input, layers
 
 
-class FeedForwardHessian:
-    """H v of one batch for a feed-forward chain (see the module docstring).
+class FeedForwardCurvature:
+    """H v (or G v with ``gauss_newton``) of one batch for a feed-forward chain (see the
+    module docstring).
 
     Records a_{l−1}, σ_l′, δ_l and σ_l″ ⊙ e_l once; each product then runs the tangent
     sweeps into buffers kept between products. ``gradient`` is ∇L of the batch, a
-    by-product of the recording. Build with :func:`feedforward_hessian`.
+    by-product of the recording. Build with :func:`feedforward_curvature`.
     """
 
     def __init__(self, layers: list[_Layer], inputs: torch.Tensor, loss: str,
-                 targets: torch.Tensor, names: list[str]) -> None:
-        self.layers = layers
+                 targets: torch.Tensor, names: list[str], gauss_newton: bool = False) -> None:
+        self.layers, self.gauss_newton = layers, gauss_newton
         self.names = names  # the order of every returned dict (the operator's parameters)
         self.inputs: list[torch.Tensor] = []      # a_{l−1}
         self.slopes: list[torch.Tensor | None] = []  # σ_l′ (None: identity)
@@ -166,7 +170,7 @@ class FeedForwardHessian:
             z = torch.addmm(layer.bias_value, a, layer.weight_value.T, beta=layer.bias_scale,
                             alpha=layer.weight_scale) if layer.bias_value is not None else \
                 torch.mm(a, layer.weight_value.T).mul_(layer.weight_scale)
-            a, slope, pair = self._activate(z, layer.activations)
+            a, slope, pair = self._activate(z, layer.activations, not gauss_newton)
             self.slopes.append(slope)
             second.append(pair)
         self.loss, self.probabilities, self.weights = loss, None, None
@@ -195,12 +199,13 @@ class FeedForwardHessian:
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
 
     @staticmethod
-    def _activate(z: torch.Tensor, modules: list[nn.Module]):
-        """a = σ(z), σ′(z) (None for no activation) and, for a curved σ, the pair (z leaf,
-        σ′(z) with its graph) from which σ″ ⊙ e is read after the backward sweep."""
+    def _activate(z: torch.Tensor, modules: list[nn.Module], second_order: bool):
+        """a = σ(z), σ′(z) (None for no activation) and, for a curved σ when second-order
+        terms count, the pair (z leaf, σ′(z) with its graph) from which σ″ ⊙ e is read
+        after the backward sweep."""
         if not modules:
             return z, None, None
-        curved = any(not isinstance(m, PIECEWISE_LINEAR) for m in modules)
+        curved = second_order and any(not isinstance(m, PIECEWISE_LINEAR) for m in modules)
         leaf = z.detach().requires_grad_(True)
         with torch.enable_grad():
             out = leaf.clone()  # in-place activations must not touch the leaf
@@ -279,7 +284,8 @@ class FeedForwardHessian:
             rd = re if slope is None else re.mul_(slope)
             if curvature is not None:
                 rd.addcmul_(curvature, pre[index])  # type: ignore[arg-type]
-            delta, below = self.deltas[index], post[index - 1] if index > 0 else None
+            delta = self.deltas[index]
+            below = post[index - 1] if index > 0 and not self.gauss_newton else None
             if layer.weight is not None:
                 gw = torch.mm(rd.T, self.inputs[index])
                 if below is not None:
@@ -291,7 +297,7 @@ class FeedForwardHessian:
                 nxt = self._buffer("e", index - 1, self.deltas[index - 1])
                 torch.addmm(nxt, rd, layer.weight_value, beta=0, alpha=layer.weight_scale,
                             out=nxt)
-                if layer.weight is not None:
+                if layer.weight is not None and not self.gauss_newton:
                     torch.addmm(nxt, delta, tangent[layer.weight], alpha=layer.weight_scale,
                                 out=nxt)
                 re = nxt
@@ -303,10 +309,12 @@ class FeedForwardHessian:
         return {n: torch.stack([r[n] for r in rows]) for n in self.names}
 
 
-def feedforward_hessian(objective, fixed: Params, params: Params, inputs: torch.Tensor,
-                        targets: torch.Tensor) -> FeedForwardHessian | None:
-    """The R-operator Hessian of one batch when ``objective`` is a feed-forward chain with
-    ridgeline's cross-entropy (class indices) or MSE loss; None otherwise."""
+def feedforward_curvature(objective, fixed: Params, params: Params, inputs: torch.Tensor,
+                          targets: torch.Tensor, *, gauss_newton: bool = False
+                          ) -> FeedForwardCurvature | None:
+    """The R-operator Hessian (or Gauss–Newton matrix) of one batch when ``objective`` is a
+    feed-forward chain with ridgeline's cross-entropy (class indices) or MSE loss; None
+    otherwise."""
     if objective.loss_fn is losses.cross_entropy:
         loss = "cross_entropy"
         if targets.is_floating_point() or targets.dim() != 1:
@@ -327,4 +335,4 @@ def feedforward_hessian(objective, fixed: Params, params: Params, inputs: torch.
     if x.dim() != 2 or x.shape[1] != layers[0].weight_value.shape[1]:
         return None
     with torch.no_grad():
-        return FeedForwardHessian(layers, x, loss, targets, list(params))
+        return FeedForwardCurvature(layers, x, loss, targets, list(params), gauss_newton)

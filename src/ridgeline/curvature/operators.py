@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 
-from ridgeline.curvature.feedforward import feedforward_hessian
+from ridgeline.curvature.feedforward import feedforward_curvature
 from ridgeline.errors import (
     ConfigError,
     MemoryBudgetError,
@@ -225,7 +225,7 @@ class _RecordedGradient:
 def _hessian_cached(objective: Objective, fixed: Params, params: Params, x, y):
     """R-operator sweeps for feed-forward chains (:mod:`.feedforward`), else a reverse pass
     through the recorded gradient graph."""
-    chain = feedforward_hessian(objective, fixed, params, x, y)
+    chain = feedforward_curvature(objective, fixed, params, x, y)
     return chain if chain is not None else _RecordedGradient(objective, fixed, params, x, y)
 
 
@@ -245,6 +245,12 @@ def _ggn_product(objective: Objective, fixed: Params) -> Product:
 
 
 def _ggn_cached(objective: Objective, fixed: Params, params: Params, x, y):
+    """R-operator sweeps for feed-forward chains (:mod:`.feedforward`), else the network's
+    vjp recorded once and a jvp per product."""
+    chain = feedforward_curvature(objective, fixed, params, x, y, gauss_newton=True)
+    if chain is not None:
+        return chain
+
     def f(p):
         return objective.forward({**fixed, **p}, x)
 
