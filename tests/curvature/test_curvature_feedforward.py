@@ -119,6 +119,14 @@ def test_parameter_subsets_are_the_explicit_hessian_block(names):
     _check(model, x, y, "cross_entropy", names=names, param_filter=names)
 
 
+def test_frozen_layers_are_held_fixed():
+    x, y = _data()
+    model = _chain(nn.GELU())
+    model[3].requires_grad_(False)
+    names = ["1.weight", "1.bias", "5.weight", "5.bias"]
+    _check(model, x, y, "cross_entropy", names=names)
+
+
 def test_top_eigenvalues_of_a_relu_mlp_match_the_explicit_spectrum():
     x, y = _data(n=40)
     torch.manual_seed(3)

@@ -119,8 +119,8 @@ def _layers(model: nn.Module, params: Mapping[str, torch.Tensor],
                     names[role] = None  # type: ignore[assignment]
                     continue
                 value = params.get(full, fixed.get(full))
-                if value is None:
-                    return None
+                if value is None:  # frozen (requires_grad=False): the module's own tensor
+                    value = getattr(module, role).detach()
                 values[role] = value
                 if full not in params:
                     names[role] = None  # type: ignore[assignment]
