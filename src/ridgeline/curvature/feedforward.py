@@ -55,6 +55,11 @@ def _elementwise_types() -> tuple[type, ...]:
     return (*PIECEWISE_LINEAR, *SMOOTH, Erf)
 
 
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """t · scale in place (nothing to do for nn.Linear's scale 1)."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
 @dataclass
 class _Layer:
     """One affine map z = s_w a Wᵀ + s_b b and the activation segment after it."""
@@ -169,7 +174,7 @@ class FeedForwardCurvature:
             self.inputs.append(a)
             z = torch.addmm(layer.bias_value, a, layer.weight_value.T, beta=layer.bias_scale,
                             alpha=layer.weight_scale) if layer.bias_value is not None else \
-                torch.mm(a, layer.weight_value.T).mul_(layer.weight_scale)
+                _scaled(torch.mm(a, layer.weight_value.T), layer.weight_scale)
             a, slope, pair = self._activate(z, layer.activations, not gauss_newton)
             self.slopes.append(slope)
             second.append(pair)
@@ -186,12 +191,12 @@ class FeedForwardCurvature:
             delta = e if slope is None else e * slope
             self.deltas[index] = delta
             if layer.weight is not None:
-                self.gradient[layer.weight] = torch.mm(delta.T, self.inputs[index]).mul_(
-                    layer.weight_scale)
+                self.gradient[layer.weight] = _scaled(torch.mm(delta.T, self.inputs[index]),
+                                                      layer.weight_scale)
             if layer.bias is not None:
-                self.gradient[layer.bias] = delta.sum(0).mul_(layer.bias_scale)
+                self.gradient[layer.bias] = _scaled(delta.sum(0), layer.bias_scale)
             if index > 0:
-                e = torch.mm(delta, layer.weight_value).mul_(layer.weight_scale)
+                e = _scaled(torch.mm(delta, layer.weight_value), layer.weight_scale)
         self.gradient = {n: self.gradient[n] for n in names}
         free = [layer.weight is not None or layer.bias is not None for layer in layers]
         #: the first layer with a free parameter (tangent sweeps start there)
@@ -268,7 +273,7 @@ class FeedForwardCurvature:
                 if started:
                     rz.add_(tangent[layer.bias], alpha=layer.bias_scale)
                 else:
-                    rz.copy_(tangent[layer.bias].expand_as(rz)).mul_(layer.bias_scale)
+                    _scaled(rz.copy_(tangent[layer.bias].expand_as(rz)), layer.bias_scale)
                 started = True
             slope = self.slopes[index]
             if self.curvatures[index] is not None:
@@ -290,9 +295,9 @@ class FeedForwardCurvature:
                 gw = torch.mm(rd.T, self.inputs[index])
                 if below is not None:
                     torch.addmm(gw, delta.T, below, out=gw)
-                out[layer.weight] = gw.mul_(layer.weight_scale)
+                out[layer.weight] = _scaled(gw, layer.weight_scale)
             if layer.bias is not None:
-                out[layer.bias] = rd.sum(0).mul_(layer.bias_scale)
+                out[layer.bias] = _scaled(rd.sum(0), layer.bias_scale)
             if index > self.first:
                 nxt = self._buffer("e", index - 1, self.deltas[index - 1])
                 torch.addmm(nxt, rd, layer.weight_value, beta=0, alpha=layer.weight_scale,
