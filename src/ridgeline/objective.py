@@ -204,6 +204,12 @@ class Objective:
                                     f"got {type(item).__name__}.")
                 yield item[0], item[1]
 
+    @property
+    def fixed_batches(self) -> bool:
+        """Whether every pass over the data gives the same batches (tensor data; a data
+        loader may shuffle)."""
+        return self._tensors is not None
+
     def per_batch(self, *, shard: bool = True) -> Iterator[Batch]:
         """The batches this process evaluates, moved to the model's device and dtype.
 
@@ -242,21 +248,23 @@ class Objective:
         """The mean loss of one batch, a pure function of ``params`` (for ``torch.func``)."""
         return self.loss_fn(self.forward(params, inputs), targets)
 
-    def batch_mean(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], *,
-                   check: Callable[[Any, Batch], None] | None = None) -> Any:
+    def batch_mean(self, fn: Callable[..., Any], *,
+                   check: Callable[[Any, Batch], None] | None = None,
+                   indexed: bool = False) -> Any:
         """Σ_b (w_b / W) fn(x_b, y_b): the exact dataset mean of a per-batch mean.
 
         w_b is the batch's :attr:`Batch.weight` (its examples, or the tokens that count for
         token targets) and W = Σ_b w_b; a batch with no term (every token ignored) is
         skipped. ``fn`` returns a tensor or a pytree of tensors (a batch *mean*). The
         result is all-reduced over processes. ``check(value, batch)`` may inspect each
-        batch's value.
+        batch's value. With ``indexed`` ``fn`` is called as fn(x_b, y_b, b), b the batch's
+        :attr:`Batch.index` (for per-batch caches).
         """
         total, count = None, 0
         for batch in self.per_batch():
             if batch.weight == 0:
                 continue
-            value = fn(batch.inputs, batch.targets)
+            value = fn(batch.inputs, batch.targets, *((batch.index,) if indexed else ()))
             if check is not None:
                 check(value, batch)
             weighted = tree_map(lambda t, n=batch.weight: t * n, value)
@@ -268,7 +276,8 @@ class Objective:
             # one, and fn must see the batch it was written for (the other ranks are busy with
             # theirs, so this costs no wall-clock time)
             probe = next(b for b in self.per_batch(shard=False) if b.weight > 0)
-            total = tree_map(torch.zeros_like, fn(probe.inputs, probe.targets))
+            total = tree_map(torch.zeros_like, fn(probe.inputs, probe.targets,
+                                                  *((probe.index,) if indexed else ())))
         if distributed.is_distributed():
             total = distributed.all_reduce_tree(total)
             count = int(distributed.all_reduce_sum(torch.tensor(float(count))).item())

@@ -235,3 +235,43 @@ def _offsets(model, names):
         spans[name] = (offset, p.numel())
         offset += p.numel()
     return [spans[n] for n in names]
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_several_batches_keep_one_recording_each(kind, monkeypatch):
+    """Tensor data in batches of 5 (23 = 4·5 + 3): every batch's recording is kept and the
+    size-weighted mean of their products is the explicit matrix; under a small memory
+    budget only the first batches are kept and the others are computed afresh."""
+    from ridgeline.curvature import operators
+
+    x, y = _data(n=23)
+    model = _chain(nn.Tanh())
+    h, g = _explicit(model, x, y, cross_entropy)
+    expected = h if kind == "hessian" else _explicit_ggn(model, x, y, cross_entropy)
+    op = getattr(curvature, kind)(model, (x, y), batch_size=5)
+    assert sorted(op._recordings()) == [0, 1, 2, 3, 4]
+    assert all(isinstance(r, FeedForwardCurvature) for r in op._recordings().values())
+    torch.testing.assert_close(op.dense(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.gradient(), g, rtol=1e-10, atol=1e-12)
+    one = next(iter(op._recordings().values())).nbytes
+    monkeypatch.setattr(operators, "DEFAULT_MEMORY_BUDGET", 2 * one + 1)
+    partial = getattr(curvature, kind)(model, (x, y), batch_size=5)
+    assert sorted(partial._recordings()) == [0, 1]
+    torch.testing.assert_close(partial.dense(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(partial.gradient(), g, rtol=1e-10, atol=1e-12)
+
+
+def test_loaders_and_other_models_keep_no_per_batch_recordings():
+    """A data loader may shuffle between passes, so its batches are computed afresh."""
+    x, y = _data(n=23)
+    model = _chain(nn.Tanh())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5,
+                                         shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    op = curvature.hessian(model, loader)
+    assert op._recordings() == {}
+    h, _ = _explicit(model, x, y, cross_entropy)
+    torch.testing.assert_close(op.dense(), h, rtol=1e-10, atol=1e-12)
+    other = curvature.hessian(_Wrapped().double(), (x, y), batch_size=5)
+    assert other._recordings() == {}
+    assert curvature.hessian(model, (x, y), batch_size=5, cache=False)._recordings() == {}

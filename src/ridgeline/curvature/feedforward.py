@@ -161,7 +161,8 @@ class FeedForwardCurvature:
     """
 
     def __init__(self, layers: list[_Layer], inputs: torch.Tensor, loss: str,
-                 targets: torch.Tensor, names: list[str], gauss_newton: bool = False) -> None:
+                 targets: torch.Tensor, names: list[str], gauss_newton: bool = False,
+                 buffers: dict | None = None) -> None:
         self.layers, self.gauss_newton = layers, gauss_newton
         self.names = names  # the order of every returned dict (the operator's parameters)
         self.inputs: list[torch.Tensor] = []      # a_{l−1}
@@ -201,7 +202,16 @@ class FeedForwardCurvature:
         free = [layer.weight is not None or layer.bias is not None for layer in layers]
         #: the first layer with a free parameter (tangent sweeps start there)
         self.first = free.index(True)
-        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        #: work buffers by (role, layer, shape), shareable between the batches of a dataset
+        self._buffers: dict[tuple, torch.Tensor] = {} if buffers is None else buffers
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the recording (layer inputs after the first, σ′, δ, σ″ ⊙ e,
+        probabilities), without the shared work buffers."""
+        held = [*self.inputs[1:], *self.slopes, *self.deltas, *self.curvatures,
+                self.probabilities]
+        return sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
 
     @staticmethod
     def _activate(z: torch.Tensor, modules: list[nn.Module], second_order: bool):
@@ -246,9 +256,9 @@ class FeedForwardCurvature:
         return tangent * self.weights
 
     def _buffer(self, role: str, index: int, like: torch.Tensor) -> torch.Tensor:
-        key = (role, index)
+        key = (role, index, tuple(like.shape))
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != like.shape:
+        if buffer is None:
             buffer = self._buffers[key] = torch.empty_like(like)
         return buffer
 
@@ -315,8 +325,8 @@ class FeedForwardCurvature:
 
 
 def feedforward_curvature(objective, fixed: Params, params: Params, inputs: torch.Tensor,
-                          targets: torch.Tensor, *, gauss_newton: bool = False
-                          ) -> FeedForwardCurvature | None:
+                          targets: torch.Tensor, *, gauss_newton: bool = False,
+                          buffers: dict | None = None) -> FeedForwardCurvature | None:
     """The R-operator Hessian (or Gauss–Newton matrix) of one batch when ``objective`` is a
     feed-forward chain with ridgeline's cross-entropy (class indices) or MSE loss; None
     otherwise."""
@@ -340,4 +350,5 @@ def feedforward_curvature(objective, fixed: Params, params: Params, inputs: torc
     if x.dim() != 2 or x.shape[1] != layers[0].weight_value.shape[1]:
         return None
     with torch.no_grad():
-        return FeedForwardCurvature(layers, x, loss, targets, list(params), gauss_newton)
+        return FeedForwardCurvature(layers, x, loss, targets, list(params), gauss_newton,
+                                    buffers)

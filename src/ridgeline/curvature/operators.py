@@ -359,6 +359,7 @@ class CurvatureOperator:
         self._cache_requested = cache
         self._cached: tuple[int, Callable[[Params], Params]] | None = None
         self._cache_ready = False
+        self._recorded: dict[int, Callable[[Params], Params]] | None = None
 
     # ------------------------------------------------------------------ vectors
     @property
@@ -416,31 +417,63 @@ class CurvatureOperator:
             self._cached = (batches[0].size, build(self.objective, self._fixed, self._params, x, y))
         return self._cached
 
+    def _recordings(self) -> dict[int, Callable[[Params], Params]]:
+        """Per-batch R-operator recordings (:mod:`.feedforward`) by batch index, when the
+        data has several batches that every pass repeats (tensor data) and the model is a
+        feed-forward chain (Hessian or GGN): this process's batches in order while their
+        recordings fit in ``DEFAULT_MEMORY_BUDGET`` (the work buffers are shared). The
+        other batches' products are computed afresh every time, as for other models."""
+        if self._recorded is not None:
+            return self._recorded
+        self._recorded = {}
+        if (self._cache_requested is False or self.kind == "fisher"
+                or not self.objective.fixed_batches or self._cache() is not None):
+            return self._recorded
+        buffers: dict = {}
+        used = 0
+        for batch in self.objective.per_batch():
+            if batch.weight == 0:
+                continue
+            chain = feedforward_curvature(self.objective, self._fixed, self._params,
+                                          batch.inputs, batch.targets,
+                                          gauss_newton=self.kind == "ggn", buffers=buffers)
+            if chain is None:
+                break
+            used += chain.nbytes
+            if used > DEFAULT_MEMORY_BUDGET:
+                break
+            self._recorded[batch.index] = chain
+        return self._recorded
+
+    def _recorded_product(self, x: torch.Tensor, index: int):
+        """The recorded product of batch ``index`` (inputs ``x``), or None."""
+        cached = self._cache()
+        if cached is not None:
+            return cached[1] if x.shape[0] == cached[0] else None
+        return self._recordings().get(index)
+
     def gradient(self) -> torch.Tensor:
         """∇L(θ) over the operator's parameters as a flat vector of length P: read off the
-        Hessian's recorded graph when the dataset is one batch (no extra work), else one
-        gradient evaluation per batch. Runs in the same attention context
-        as the products, since it may record the graph they use."""
+        recorded products where there are any (no extra work), else one gradient
+        evaluation per batch. Runs in the same attention context as the products, since
+        it may record the graph they use."""
         fixed = self._fixed
         batch_grad = grad(lambda p, x, y: self.objective.batch_loss({**fixed, **p}, x, y))
         with self.objective.differentiable_attention():
-            cached = self._cache()
-            recorded = getattr(cached[1], "gradient", None) if cached is not None else None
 
-            def fn(x, y):  # the same pytree on every process, cached or not (one all-reduce)
-                if recorded is not None and x.shape[0] == cached[0]:
+            def fn(x, y, index):  # the same pytree on every process (one all-reduce)
+                recorded = getattr(self._recorded_product(x, index), "gradient", None)
+                if recorded is not None:
                     return {n: recorded[n] for n in self._params}
                 return {k: t.detach() for k, t in batch_grad(self._params, x, y).items()}
 
-            every = self.objective.batch_mean(fn)
+            every = self.objective.batch_mean(fn, indexed=True)
         return flatten({n: every[n] for n in self.param_names})
 
     def _batch_fn(self, tangent: Params, batched: bool):
-        cached = self._cache()
-
-        def fn(x, y):
-            if cached is not None and x.shape[0] == cached[0]:
-                product = cached[1]
+        def fn(x, y, index):
+            product = self._recorded_product(x, index)
+            if product is not None:
                 if batched:
                     product = getattr(product, "batched", None) or vmap(product)
                 out = product(tangent)
@@ -458,7 +491,8 @@ class CurvatureOperator:
             raise ShapeMismatchError(f"matvec takes a 1-D vector of length {self.shape[0]}, got "
                                      f"shape {tuple(v.shape)}; use matmat for several vectors.")
         with self.objective.differentiable_attention():
-            out = self.objective.batch_mean(self._batch_fn(self.unflatten(v), batched=False))
+            out = self.objective.batch_mean(self._batch_fn(self.unflatten(v), batched=False),
+                                             indexed=True)
         self.matvecs += 1
         return flatten({n: out[n] for n in self.param_names})
 
@@ -473,7 +507,7 @@ class CurvatureOperator:
             return matrix.clone()
         tangent = self.unflatten(matrix.T.contiguous())
         with self.objective.differentiable_attention():
-            out = self.objective.batch_mean(self._batch_fn(tangent, batched=True))
+            out = self.objective.batch_mean(self._batch_fn(tangent, batched=True), indexed=True)
         self.matvecs += b
         return torch.cat([out[n].reshape(b, -1) for n in self.param_names], dim=1).T
 
