@@ -275,3 +275,26 @@ def test_loaders_and_other_models_keep_no_per_batch_recordings():
     other = curvature.hessian(_Wrapped().double(), (x, y), batch_size=5)
     assert other._recordings() == {}
     assert curvature.hessian(model, (x, y), batch_size=5, cache=False)._recordings() == {}
+
+
+@pytest.mark.parametrize("gauss_newton", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_stacked_tangents_give_the_products_one_by_one(activation, gauss_newton):
+    """The batched-GEMM sweep (used on accelerators) against single products, with a
+    frozen first layer and NTK scales."""
+    from ridgeline.curvature.feedforward import feedforward_curvature
+
+    x, y = _data()
+    torch.manual_seed(0)
+    model = mlp(5, [6, 4], 3, activation=activation, parameterization="ntk",
+                bias_std=0.3).double().eval()
+    model[1].requires_grad_(False)
+    op = (curvature.ggn if gauss_newton else curvature.hessian)(model, (x, y))
+    chain = feedforward_curvature(op.objective, op._fixed, op._params, x, y,
+                                  gauss_newton=gauss_newton)
+    v = torch.randn(3, op.shape[0], generator=torch.Generator().manual_seed(5), dtype=F64)
+    stacked = chain.stacked(op.unflatten(v))
+    for i in range(3):
+        single = chain(op.unflatten(v[i]))
+        for name in chain.names:
+            torch.testing.assert_close(stacked[name][i], single[name], rtol=1e-12, atol=1e-14)

@@ -251,7 +251,7 @@ class FeedForwardCurvature:
         """∇²ℓ R(f): w ⊙ (diag(p) − p pᵀ) R(f) per row for cross-entropy, R(f)/N for MSE."""
         if self.loss == "cross_entropy":
             p = self.probabilities
-            mean = (p * tangent).sum(dim=1, keepdim=True)
+            mean = (p * tangent).sum(dim=-1, keepdim=True)
             return (tangent - mean).mul_(p).mul_(self.weights)
         return tangent * self.weights
 
@@ -318,7 +318,56 @@ class FeedForwardCurvature:
                 re = nxt
         return {n: out[n] for n in self.names}  # batch means of several paths add by name
 
+    def stacked(self, tangent: Params) -> Params:
+        """The products of b tangents stacked on a leading axis, as batched GEMMs (the
+        same sweeps as ``__call__`` on (b, N, width) tensors, without kept buffers)."""
+        layers, count = self.layers, len(self.layers)
+        pre: list[torch.Tensor | None] = [None] * count
+        post: list[torch.Tensor | None] = [None] * count
+        previous = None
+        for index in range(self.first, count):
+            layer = layers[index]
+            terms = []
+            if layer.weight is not None:
+                terms.append(self.inputs[index] @ tangent[layer.weight].transpose(-1, -2))
+            if previous is not None:
+                terms.append(previous @ layer.weight_value.T)
+            rz = _scaled(sum(terms[1:], terms[0]), layer.weight_scale) if terms else None
+            if layer.bias is not None:
+                shift = tangent[layer.bias].unsqueeze(-2) * layer.bias_scale
+                rz = shift + torch.zeros_like(self.deltas[index]) if rz is None else rz + shift
+            slope = self.slopes[index]
+            pre[index] = rz
+            previous = rz if slope is None else rz * slope
+            post[index] = previous
+        re = self._loss_curvature(previous)  # type: ignore[arg-type]
+        out: Params = {}
+        for index in range(count - 1, self.first - 1, -1):
+            layer, slope, curvature = layers[index], self.slopes[index], self.curvatures[index]
+            rd = re if slope is None else re * slope
+            if curvature is not None:
+                rd = rd + curvature * pre[index]
+            delta = self.deltas[index]
+            below = post[index - 1] if index > 0 and not self.gauss_newton else None
+            if layer.weight is not None:
+                gw = rd.transpose(-1, -2) @ self.inputs[index]
+                if below is not None:
+                    gw = gw + delta.T @ below
+                out[layer.weight] = _scaled(gw, layer.weight_scale)
+            if layer.bias is not None:
+                out[layer.bias] = _scaled(rd.sum(-2), layer.bias_scale)
+            if index > self.first:
+                nxt = rd @ layer.weight_value
+                if layer.weight is not None and not self.gauss_newton:
+                    nxt = nxt + delta @ tangent[layer.weight]
+                re = _scaled(nxt, layer.weight_scale)
+        return {n: out[n] for n in self.names}
+
     def batched(self, tangent: Params) -> Params:
+        """Products of stacked tangents: one after the other on the CPU (faster there, into
+        the kept buffers), as batched GEMMs on accelerators."""
+        if self.deltas[-1].device.type != "cpu":
+            return self.stacked(tangent)
         count = next(iter(tangent.values())).shape[0]
         rows = [self({n: t[i] for n, t in tangent.items()}) for i in range(count)]
         return {n: torch.stack([r[n] for r in rows]) for n in self.names}
