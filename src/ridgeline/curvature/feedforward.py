@@ -15,10 +15,10 @@ and, per product, one forward and one backward sweep of the tangents,
 with z_l = s_w a_{l−1} W_lᵀ + s_b b_l, a_l = σ_l(z_l), e_l = ∂L/∂a_l and δ_l = σ_l′ ⊙ e_l
 (Pearlmutter 1994, "Fast exact multiplication by the Hessian"). The generalised
 Gauss–Newton product G v = Jᵀ ∇²ℓ J v is the same sweep without the terms of second
-order in the network (σ″ e_l R(z_l), δ_lᵀ R(a_{l−1}) and δ_l V_l; Schraudolph 2002),
-four of the six big GEMMs per layer instead of six. Every product is a
-handful of GEMMs accumulated in place into buffers kept between products (``addmm`` with
-``out=``), with no autograd graph to walk and no temporaries to allocate and free — about
+order in the network (σ″ e_l R(z_l), δ_lᵀ R(a_{l−1}) and δ_l V_l; Schraudolph 2002):
+four big GEMMs per hidden layer instead of six. Every product is a handful of GEMMs
+accumulated in place into buffers kept between products (``addmm`` with ``out=``), with
+no autograd graph to walk and no temporaries to allocate and free — about
 20 % less time per product than a reverse pass through a recorded gradient graph on a
 40-256-256-10 MLP (docs/curvature.md). σ′ and σ″ e_l come from autograd on each
 activation segment once, so any listed elementwise activation gives the same numbers as
