@@ -153,6 +153,19 @@ def test_tracer_derives_the_grouped_query_spec_of_the_zoo_transformer():
     assert len(grouped) == 4 and all("left in place: nothing" in n for n in grouped)
 
 
+def _assert_weight_matching_undoes(model, permuted, x):
+    """The hand-made permutation moved the key weights but kept the function, and weight
+    matching brings every parameter back exactly."""
+    assert not torch.equal(permuted.blocks[0].attn.k.weight, model.blocks[0].attn.k.weight)
+    ref = _out(model, x)
+    assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
+    result = align(model, permuted, example_input=x)
+    assert result.function_relative_error <= 1e-5
+    aligned = dict(result.model.named_parameters())
+    for key, value in model.named_parameters():
+        assert torch.equal(aligned[key], value), key
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2)])
 def test_weight_matching_undoes_a_hand_made_grouped_query_permutation_exactly(heads, kv_heads):
     torch.manual_seed(0)
@@ -160,14 +173,7 @@ def test_weight_matching_undoes_a_hand_made_grouped_query_permutation_exactly(he
     model = model.double().eval()
     x = torch.randn(4, 40, dtype=torch.float64)
     permuted = _permuted_by_hand(model, seed=1)
-    ref = _out(model, x)
-    assert not torch.equal(permuted.blocks[0].attn.k.weight, model.blocks[0].attn.k.weight)
-    assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
-    result = align(model, permuted, example_input=x)
-    assert result.function_relative_error <= 1e-5
-    aligned = dict(result.model.named_parameters())
-    for key, value in model.named_parameters():
-        assert torch.equal(aligned[key], value), key
+    _assert_weight_matching_undoes(model, permuted, x)
 
 
 def test_activation_matching_undoes_a_hand_made_grouped_query_permutation():
@@ -223,14 +229,7 @@ def test_multi_query_zoo_transformer_permutes_query_heads_and_shared_features_ex
     notes = [n for n in spec.notes if "multi-query" in n]
     assert len(notes) == 4 and all("features (they move" in n for n in notes)
     permuted = _permuted_by_hand(model, seed=6)
-    assert not torch.equal(permuted.blocks[0].attn.k.weight, model.blocks[0].attn.k.weight)
-    ref = _out(model, x)
-    assert (_out(permuted, x) - ref).abs().max() <= 1e-12 * ref.abs().max()
-    result = align(model, permuted, example_input=x)
-    assert result.function_relative_error <= 1e-5
-    aligned = dict(result.model.named_parameters())
-    for key, value in model.named_parameters():
-        assert torch.equal(aligned[key], value), key
+    _assert_weight_matching_undoes(model, permuted, x)
     data = torch.randn(64, 40, dtype=torch.float64)
     by_acts = align(model, permuted, method="activations", data=data)
     assert by_acts.function_relative_error <= 1e-5 and not by_acts.unmatched
